@@ -1,0 +1,221 @@
+"""The daemon's and the embedded engine's configuration.
+
+One YAML file (``CACHEFS_CONFIG``), every key overridable by environment
+(``CACHEFS_<SECTION>__<KEY>``, double underscore nests) and by explicit arguments.
+Defaults serve a laptop: one disk tier under the user's cache directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import yaml
+
+from node.units import parse_size
+
+DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
+MEDIA = ("memory", "disk")
+# Environment variables that are not config keys.
+_RESERVED_ENV = {
+    "CACHEFS_CONFIG",
+    "CACHEFS_ENDPOINT",
+    "CACHEFS_TOKEN",
+    "CACHEFS_TOKEN_FILE",
+    "CACHEFS_TEST_CRASH_AT",
+}
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """A directory with a byte quota. ``quota`` None means: 90% of the free space."""
+
+    name: str
+    path: Path
+    medium: str = "disk"
+    quota: int | None = None
+
+
+@dataclass(frozen=True)
+class OriginConfig:
+    """Storage options for every URL under ``prefix`` (longest prefix wins)."""
+
+    prefix: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    attempts: int = 5
+    base_delay: float = 0.1
+    max_delay: float = 5.0
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    tiers: tuple[TierConfig, ...]
+    block_size: int = DEFAULT_BLOCK_SIZE
+    concurrency: int = 16
+    revalidate_after: float = 60.0
+    readahead_blocks: int = 4
+    group: str | None = None
+    origins: tuple[OriginConfig, ...] = ()
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+    def options_for(self, canonical_url: str) -> dict[str, Any]:
+        """Configured storage options of the longest matching origin prefix."""
+        best: OriginConfig | None = None
+        for origin in self.origins:
+            if canonical_url.startswith(origin.prefix) and (
+                best is None or len(origin.prefix) > len(best.prefix)
+            ):
+                best = origin
+        return dict(best.options) if best else {}
+
+
+def default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("cachefs"))
+
+
+def default_quota(path: Path) -> int:
+    """90% of the space free where ``path`` lives (or its nearest existing parent)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return int(shutil.disk_usage(probe).free * 0.9)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a Config from file, environment and ``overrides``, in rising precedence."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    path = path or environ.get("CACHEFS_CONFIG")
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of keys")
+        raw.update(loaded)
+    _apply_environment(raw, environ)
+    if raw.get("tiers") and "CACHEFS_CACHE_DIR" in environ and "cache_dir" not in (overrides or {}):
+        raw.pop("cache_dir", None)  # the default tier's root; explicit tiers win
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    if overrides and overrides.get("cache_dir"):
+        raw.pop("tiers", None)  # an explicit cache_dir asks for the single default tier
+    return _build(raw)
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith("CACHEFS_") or name in _RESERVED_ENV:
+            continue
+        keys = name[len("CACHEFS_") :].lower().split("__")
+        target = raw
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"{name} overrides a key that is not a section")
+        target[keys[-1]] = yaml.safe_load(value) if value else value
+
+
+_KNOWN_KEYS = {
+    "tiers",
+    "cache_dir",
+    "block_size",
+    "concurrency",
+    "revalidate_after",
+    "readahead_blocks",
+    "group",
+    "origins",
+    "retry",
+}
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    unknown = set(raw) - _KNOWN_KEYS
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    tiers = _build_tiers(raw)
+    retry_raw = raw.get("retry") or {}
+    if not isinstance(retry_raw, dict):
+        raise ValueError("config key 'retry' must be a mapping")
+    retry = RetryConfig(
+        **{
+            k: type(getattr(RetryConfig, k))(v)
+            for k, v in retry_raw.items()
+            if _check_key("retry", k, RetryConfig)
+        }
+    )
+    block_size = parse_size(raw.get("block_size", DEFAULT_BLOCK_SIZE))
+    if block_size < 4096 or block_size % 4096:
+        raise ValueError(f"block_size must be a multiple of 4 KiB, at least 4 KiB: {block_size}")
+    concurrency = int(raw.get("concurrency", 16))
+    if not 1 <= concurrency <= 256:
+        raise ValueError(f"concurrency must be between 1 and 256: {concurrency}")
+    origins = tuple(
+        OriginConfig(prefix=str(o["prefix"]), options=dict(o.get("options") or {}))
+        for o in raw.get("origins") or ()
+    )
+    return Config(
+        tiers=tiers,
+        block_size=block_size,
+        concurrency=concurrency,
+        revalidate_after=float(raw.get("revalidate_after", 60.0)),
+        readahead_blocks=int(raw.get("readahead_blocks", 4)),
+        group=str(raw["group"]) if raw.get("group") is not None else None,
+        origins=origins,
+        retry=retry,
+    )
+
+
+def _check_key(section: str, key: str, cls: type) -> bool:
+    if not hasattr(cls, key):
+        raise ValueError(f"unknown config key {section}.{key}")
+    return True
+
+
+def _build_tiers(raw: dict[str, Any]) -> tuple[TierConfig, ...]:
+    spec = raw.get("tiers")
+    if not spec:
+        cache_dir = raw.get("cache_dir") or default_cache_dir()
+        return (TierConfig(name="disk", path=Path(cache_dir).expanduser(), medium="disk"),)
+    if raw.get("cache_dir"):
+        raise ValueError("set either cache_dir or tiers, not both")
+    tiers = []
+    for index, item in enumerate(spec):
+        if not isinstance(item, dict) or "path" not in item:
+            raise ValueError(f"tiers[{index}] needs at least a path")
+        medium = str(item.get("medium", "disk"))
+        if medium not in MEDIA:
+            raise ValueError(f"tiers[{index}].medium must be one of {MEDIA}, not {medium!r}")
+        quota = item.get("quota")
+        tiers.append(
+            TierConfig(
+                name=str(item.get("name", medium)),
+                path=Path(item["path"]).expanduser(),
+                medium=medium,
+                quota=parse_size(quota) if quota is not None else None,
+            )
+        )
+    names = [t.name for t in tiers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tier names must be unique: {names}")
+    return tuple(tiers)

@@ -1,0 +1,487 @@
+"""The read path: stat, pin a version, serve blocks from the store or fill them once.
+
+``Engine.read`` resolves an object to a version (revalidated after
+``revalidate_after`` seconds) and serves every byte of the read from that version.
+A missing block is filled once however many readers want it (single flight): the
+first asks the origin, writes the block to the store, records its checksum, and
+only then do the readers read it. Sequential readers get read-ahead. ``prefetch``
+runs the same fills for every block of a source's manifest, many at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.config import Config
+from node.errors import IntegrityError, QuotaExceededError
+from node.layout import ObjectHeader
+from node.origins import ObjectRef, Origin
+from node.stats import EngineStats
+from node.store import CachedObject, Store
+from node.units import format_size
+from node.urls import parse_url
+
+_MAX_ATTEMPTS = 3
+_SEQUENTIAL_TRACKED = 1024
+
+
+@dataclass
+class Progress:
+    """Byte-level progress of a prefetch; ``done`` counts cached bytes, old and new."""
+
+    bytes_total: int = 0
+    bytes_done: int = 0
+    objects_total: int = 0
+    objects_done: int = 0
+    fetched_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A source resolved once: its objects and their versions at that moment."""
+
+    sources: tuple[str, ...]
+    objects: tuple[ObjectRef, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(ref.size for ref in self.objects)
+
+
+@dataclass(frozen=True)
+class PrefetchResult:
+    manifest: Manifest
+    bytes: int
+    objects: int
+    fetched_bytes: int
+    cached_before: int
+    evicted_during: int
+    seconds: float
+    pinned_by: str | None
+
+
+class Engine:
+    """One node's cache: a store of tiers in front of the origins."""
+
+    def __init__(
+        self, config: Config, options: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        self.config = config
+        self.stats = EngineStats()
+        self.store = Store(config.tiers, config.group)
+        self.origin = Origin(config, options, observe=self.stats.observe_origin)
+        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cachefs-fill")
+        self._flights: dict[tuple[str, int], Future[bytes | None]] = {}
+        self._flights_lock = threading.Lock()
+        self._stat_cache: dict[str, tuple[float, ObjectRef]] = {}
+        self._read_ends: OrderedDict[str, int] = OrderedDict()
+        self._buffers = threading.local()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- metadata ----------------------------------------------------------------
+
+    def stat(self, url: str) -> ObjectRef:
+        """The object's current version, from cache until ``revalidate_after`` passes."""
+        parsed = parse_url(url)
+        now = time.monotonic()
+        cached = self._stat_cache.get(parsed.canonical)
+        if cached is not None and now - cached[0] < self.config.revalidate_after:
+            return cached[1]
+        ref = self.origin.stat(parsed)
+        self._stat_cache[parsed.canonical] = (now, ref)
+        return ref
+
+    def header(self, ref: ObjectRef) -> ObjectHeader:
+        obj = self.store.get(ref.id)
+        block_size = obj.header.block_size if obj else self.config.block_size
+        return ObjectHeader(ref.id, ref.canonical, ref.version, ref.size, block_size)
+
+    def resolve(self, sources: Sequence[str]) -> Manifest:
+        refs: dict[str, ObjectRef] = {}
+        for source in sources:
+            for ref in self.origin.resolve(source):
+                refs.setdefault(ref.id, ref)
+                self._stat_cache[ref.canonical] = (time.monotonic(), ref)
+        return Manifest(tuple(sources), tuple(refs.values()))
+
+    # -- reads -------------------------------------------------------------------
+
+    def read(self, url: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes [offset, offset + length) of the object's current version."""
+        return self.read_ref(self.stat(url), offset, None if length is None else offset + length)
+
+    def read_ref(self, ref: ObjectRef, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes [start, end) of ``ref``'s version; ``end`` None or past the size clips."""
+        start, end = _clip(ref, start, end)
+        if start == end:
+            return b""
+        fast = self._read_verified_range(ref, start, end)
+        if fast is not None:
+            return fast
+        buffer = bytearray(end - start)
+        self.readinto_ref(ref, start, memoryview(buffer))
+        return bytes(buffer)
+
+    def _read_verified_range(self, ref: ObjectRef, start: int, end: int) -> bytes | None:
+        """One pread when every block of the range is cached and verified."""
+        obj = self.store.get(ref.id)
+        if obj is None:
+            return None
+        bs = obj.header.block_size
+        blocks = range(start // bs, (end - 1) // bs + 1)
+        if not all(i in obj.verified and i in obj.present for i in blocks):
+            return None
+        data = self.store.pread(obj, start, end)
+        if data is not None:
+            self.stats.served("local", end - start)
+            self._note_sequential(ref, start, end, obj)
+        return data
+
+    def readinto_ref(self, ref: ObjectRef, start: int, into: memoryview) -> None:
+        """Fill ``into`` with the bytes of ``ref`` from ``start``."""
+        end = start + len(into)
+        if start < 0 or end > ref.size:
+            raise ValueError(
+                f"invalid range [{start}, {end}) for {ref.canonical} ({ref.size} bytes)"
+            )
+        if start == end:
+            return
+        header = self.header(ref)
+        bs = header.block_size
+        first, last = start // bs, (end - 1) // bs
+        obj = self.store.place(header)
+        pending: dict[int, Future[bytes | None]] = {}
+        with self._holding(obj):
+            if obj is not None:
+                missing = [i for i in range(first, last + 1) if i not in obj.present]
+            else:
+                missing = list(range(first, last + 1))
+            own_first = None
+            for index in missing:
+                future, created = self._flight(ref, obj, index)
+                pending[index] = future
+                if created and own_first is None:
+                    own_first = (index, future)
+                elif created:
+                    self._pool.submit(self._run_flight, ref, obj, index, future)
+            if own_first is not None:  # fill one block in this thread: no queueing
+                self._run_flight(ref, obj, own_first[0], own_first[1])
+            for index in range(first, last + 1):
+                self._copy_block(ref, obj, index, pending.get(index), start, into)
+        self._note_sequential(ref, start, end, obj)
+
+    def _copy_block(
+        self,
+        ref: ObjectRef,
+        obj: CachedObject | None,
+        index: int,
+        future: Future[bytes | None] | None,
+        start: int,
+        into: memoryview,
+    ) -> None:
+        header = obj.header if obj else self.header(ref)
+        block_start, block_end = header.block_span(index)
+        low, high = max(start, block_start), min(start + len(into), block_end)
+        dest = into[low - start : high - start]
+        for _attempt in range(_MAX_ATTEMPTS):
+            uncached = future.result() if future is not None else None
+            if uncached is not None:
+                dest[:] = memoryview(uncached)[low - block_start : high - block_start]
+                self.stats.served("origin", high - low)
+                return
+            if obj is not None and self.store.read(obj, index, low - block_start, dest):
+                self.stats.served("origin" if future is not None else "local", high - low)
+                return
+            # Evicted, replaced or found corrupt since: place again and refill.
+            obj = self.store.place(self.header(ref))
+            future, created = self._flight(ref, obj, index)
+            if created:
+                self._run_flight(ref, obj, index, future)
+        raise IntegrityError(
+            f"{ref.canonical}: block {index} could not be read back intact after "
+            f"{_MAX_ATTEMPTS} attempts; check the cache disk"
+        )
+
+    def _holding(self, obj: CachedObject | None) -> Any:
+        from contextlib import nullcontext
+
+        return self.store.in_use(obj) if obj is not None else nullcontext()
+
+    # -- fills -------------------------------------------------------------------
+
+    def _flight(
+        self, ref: ObjectRef, obj: CachedObject | None, index: int
+    ) -> tuple[Future[bytes | None], bool]:
+        """The in-flight fill of a block, and whether this call created it."""
+        key = (ref.id, index)
+        with self._flights_lock:
+            future = self._flights.get(key)
+            if future is not None:
+                return future, False
+            future = Future()
+            self._flights[key] = future
+            return future, True
+
+    def _run_flight(
+        self, ref: ObjectRef, obj: CachedObject | None, index: int, future: Future[bytes | None]
+    ) -> None:
+        try:
+            if not future.set_running_or_notify_cancel():
+                return
+            future.set_result(self._fill(ref, obj, index))
+        except BaseException as exc:
+            future.set_exception(exc)
+        finally:
+            with self._flights_lock:
+                if self._flights.get((ref.id, index)) is future:
+                    del self._flights[(ref.id, index)]
+
+    def _fill(self, ref: ObjectRef, obj: CachedObject | None, index: int) -> bytes | None:
+        """Fetch one block from the origin and store it.
+
+        Returns None when the block is now in the store, or the bytes themselves
+        when it could not be cached (no room): they are served without caching.
+        """
+        if obj is not None and index in obj.present and not obj.retired:
+            return None
+        header = obj.header if obj else self.header(ref)
+        start, end = header.block_span(index)
+        view = self._scratch(header.block_size)[: end - start]
+        self.origin.read(ref, start, end, view)
+        self.stats.fetched(end - start)
+        if obj is not None and not obj.retired:
+            with self.store.in_use(obj):
+                if self.store.write_block(obj, index, view):
+                    return None
+        self.stats.uncached(end - start)
+        return bytes(view)
+
+    def _scratch(self, size: int) -> memoryview:
+        buffer = getattr(self._buffers, "block", None)
+        if buffer is None or len(buffer) < size:
+            buffer = bytearray(size)
+            self._buffers.block = buffer
+        return memoryview(buffer)
+
+    def _note_sequential(
+        self, ref: ObjectRef, start: int, end: int, obj: CachedObject | None
+    ) -> None:
+        """Start read-ahead fills when a reader continues where it left off."""
+        previous = self._read_ends.pop(ref.id, None)
+        self._read_ends[ref.id] = end
+        if len(self._read_ends) > _SEQUENTIAL_TRACKED:
+            self._read_ends.popitem(last=False)
+        if previous != start or obj is None or self.config.readahead_blocks <= 0:
+            return
+        bs = obj.header.block_size
+        first = (end - 1) // bs + 1
+        for index in range(
+            first, min(first + self.config.readahead_blocks, obj.header.block_count)
+        ):
+            if index not in obj.present:
+                future, created = self._flight(ref, obj, index)
+                if created:
+                    self._pool.submit(self._run_flight, ref, obj, index, future)
+
+    # -- prefetch ----------------------------------------------------------------
+
+    def prefetch(
+        self,
+        sources: Sequence[str],
+        pin: str | None = None,
+        tier: str | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> PrefetchResult:
+        """Fetch every block of ``sources`` into the store, many blocks in flight."""
+        if tier is not None:
+            self.store.tier(tier)
+        manifest = self.resolve(sources)
+        return self.prefetch_manifest(manifest, pin=pin, tier=tier, progress=progress)
+
+    def prefetch_manifest(
+        self,
+        manifest: Manifest,
+        pin: str | None = None,
+        tier: str | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> PrefetchResult:
+        state = Progress(bytes_total=manifest.size, objects_total=len(manifest.objects))
+        objects = self._place_all(manifest, pin, tier)
+        jobs: list[tuple[ObjectRef, CachedObject, int, Future[bytes | None]]] = []
+        remaining: dict[str, int] = {}
+        for ref, obj in objects:
+            missing = [i for i in range(obj.header.block_count) if i not in obj.present]
+            remaining[ref.id] = len(missing)
+            state.bytes_done += obj.cached_bytes
+            if not missing:
+                state.objects_done += 1
+            for index in missing:
+                future, created = self._flight(ref, obj, index)
+                if created:
+                    self._pool.submit(self._run_flight, ref, obj, index, future)
+                jobs.append((ref, obj, index, future))
+        cached_before = state.bytes_done
+        if progress:
+            progress(state)
+        lock = threading.Lock()
+        uncached: list[str] = []
+
+        def on_done(ref: ObjectRef, obj: CachedObject, index: int, future: Future[Any]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            start, end = obj.header.block_span(index)
+            with lock:
+                if future.result() is not None:
+                    uncached.append(ref.canonical)
+                state.bytes_done += end - start
+                state.fetched_bytes += end - start
+                remaining[ref.id] -= 1
+                if remaining[ref.id] == 0:
+                    state.objects_done += 1
+                snapshot = Progress(**{k: getattr(state, k) for k in state.__dataclass_fields__})
+            if progress:
+                progress(snapshot)
+
+        for ref, obj, index, future in jobs:
+            future.add_done_callback(
+                lambda f, ref=ref, obj=obj, index=index: on_done(ref, obj, index, f)
+            )
+        self._wait_all([job[3] for job in jobs])
+        if uncached:
+            raise QuotaExceededError(
+                f"{len(uncached)} blocks of {uncached[0]} could not be cached: no tier had "
+                "room beside pinned and in-use objects; raise the quota or unpin something"
+            )
+        evicted = sum(1 for _, obj in objects if obj.retired)
+        return PrefetchResult(
+            manifest=manifest,
+            bytes=manifest.size,
+            objects=len(manifest.objects),
+            fetched_bytes=state.fetched_bytes,
+            cached_before=cached_before,
+            evicted_during=evicted,
+            seconds=state.elapsed,
+            pinned_by=pin,
+        )
+
+    def _place_all(
+        self, manifest: Manifest, pin: str | None, tier: str | None
+    ) -> list[tuple[ObjectRef, CachedObject]]:
+        placed: list[tuple[ObjectRef, CachedObject]] = []
+        newly_pinned: list[str] = []
+        try:
+            for ref in manifest.objects:
+                was_pinned = pin is not None and ref.id in self.store.pins().get(pin, ())
+                obj = self.store.place(self.header(ref), tier, pin)
+                if pin is not None and not was_pinned:
+                    newly_pinned.append(ref.id)
+                if obj is None:
+                    raise QuotaExceededError(
+                        f"{ref.canonical} ({format_size(ref.size)}) fits in no tier: "
+                        + ", ".join(
+                            f"{t.name} has a quota of {format_size(t.quota)}"
+                            for t in self.store.tiers
+                        )
+                        + "; raise a quota or free space"
+                    )
+                placed.append((ref, obj))
+        except BaseException:
+            if pin is not None and newly_pinned:
+                self.store.unpin(pin, newly_pinned)
+            raise
+        return placed
+
+    def _wait_all(self, futures: list[Future[bytes | None]]) -> None:
+        """Wait for every fill; on the first failure cancel what has not started."""
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when="FIRST_EXCEPTION")
+            failed = next((f for f in done if not f.cancelled() and f.exception()), None)
+            if failed is not None:
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+                raise failed.exception()  # type: ignore[misc]
+
+    # -- whole objects -----------------------------------------------------------
+
+    def open_local(self, url: str) -> Path:
+        """The path of the complete, verified cached file of ``url``'s current version."""
+        ref = self.stat(url)
+        for _attempt in range(_MAX_ATTEMPTS):
+            obj = self.store.get(ref.id)
+            if obj is None or not obj.complete:
+                self.prefetch_manifest(Manifest((url,), (ref,)))
+                obj = self.store.get(ref.id)
+            if obj is not None:
+                path = self.store.local_path(obj)
+                if path is not None:
+                    return path
+        raise IntegrityError(
+            f"{ref.canonical}: could not produce an intact local copy after "
+            f"{_MAX_ATTEMPTS} attempts; check the cache disk"
+        )
+
+    def cached(self) -> list[CachedObject]:
+        return sorted(self.store.objects(), key=lambda o: o.header.url)
+
+    def evict(self, source: str) -> list[CachedObject]:
+        """Evict the cached objects (any version) that ``source`` names."""
+        targets = self.matching(source)
+        if not targets:
+            raise FileNotFoundError(f"nothing cached matches {parse_url(source)}")
+        pinned = [o for o in targets if self.store.holders(o.id)]
+        if pinned:
+            holders = sorted({h for o in pinned for h in self.store.holders(o.id)})
+            raise QuotaExceededError(
+                f"{len(pinned)} of the {len(targets)} objects are pinned (by "
+                f"{', '.join(holders)}); unpin them first (cachefs unpin --holder NAME SOURCE)"
+            )
+        for obj in targets:
+            self.store.evict(obj)
+        return targets
+
+    def unpin(self, holder: str, source: str | None = None) -> int:
+        pins = self.store.pins()
+        if holder not in pins:
+            raise FileNotFoundError(f"no pins held by {holder!r}")
+        ids = set(pins[holder])
+        if source is not None:
+            ids &= {o.id for o in self.matching(source)}
+        self.store.unpin(holder, ids)
+        return len(ids)
+
+    def matching(self, source: str) -> list[CachedObject]:
+        url = parse_url(source)
+        prefix = url.canonical if source.endswith("/") else None
+        return [
+            o
+            for o in self.store.objects()
+            if o.header.url == url.canonical or (prefix and o.header.url.startswith(prefix))
+        ]
+
+
+def _clip(ref: ObjectRef, start: int, end: int | None) -> tuple[int, int]:
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(
+            f"invalid range [{start}, {end}) for {ref.canonical}: offsets must be "
+            "non-negative and end must not precede start"
+        )
+    if start > ref.size:
+        raise ValueError(f"offset {start} is past the end of {ref.canonical} ({ref.size} bytes)")
+    end = ref.size if end is None else min(end, ref.size)
+    return start, end

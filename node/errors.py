@@ -1,0 +1,82 @@
+"""Errors the engine raises, as builtins where a builtin fits.
+
+Callers (the fsspec filesystem, the CLI) catch builtins: ``FileNotFoundError`` for a
+missing object, ``PermissionError`` for denied access, ``ValueError`` for bad input.
+The classes below add what builtins cannot say: an origin object changed under a
+pinned read, a quota that cannot hold a pin, an origin that stayed unavailable.
+Messages name canonical URLs only, never credentials or signed query strings.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class CacheError(OSError):
+    """Base class of cachefs-specific errors."""
+
+
+class VersionChangedError(CacheError):
+    """The origin object changed while a reader was pinned to an older version."""
+
+    def __init__(self, url: str, pinned: str, detail: str = "") -> None:
+        message = (
+            f"{url} changed at the origin while it was being read (pinned version {pinned}"
+            f"{'; ' + detail if detail else ''}); open it again to read the new version"
+        )
+        super().__init__(errno.ESTALE, message)
+        self.url = url
+        self.pinned = pinned
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class QuotaExceededError(CacheError):
+    """A pin or an object cannot fit in any tier's quota."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EDQUOT, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class OriginUnavailableError(CacheError, ConnectionError):
+    """The origin kept failing with transient errors after every retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class TransientOriginError(CacheError):
+    """One origin request failed in a way worth retrying (5xx, throttling, reset)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EAGAIN, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class IntegrityError(CacheError):
+    """Bytes did not match their recorded checksum or expected length."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class CacheDirError(CacheError):
+    """The cache directory cannot be created or written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EACCES, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""

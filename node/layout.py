@@ -1,0 +1,126 @@
+"""Where things live under a tier root, and the per-object metadata file.
+
+```
+<root>/v1/objects/<id[:2]>/<id>/data   sparse file, the object's full size
+<root>/v1/objects/<id[:2]>/<id>/meta   header line (JSON), then one line per present block
+<root>/v1/views/<name>/...             hard links to complete data files (views)
+<root>/v1/pins/<hash>.json             the objects one holder pins
+<root>/v1/trash/...                    retired object directories, removed on start
+```
+
+The meta file is append-only while an object fills: a block line is written only
+after the block's bytes are, so a crash leaves at worst a torn last line, which the
+parser ignores. Names on disk are hashes, so no origin key can name a path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FORMAT = 1
+PAGE = 4096
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class ObjectHeader:
+    """What identifies an object and how it is cut into blocks."""
+
+    id: str
+    url: str
+    version: str
+    size: int
+    block_size: int
+
+    @property
+    def block_count(self) -> int:
+        return -(-self.size // self.block_size)
+
+    def block_span(self, index: int) -> tuple[int, int]:
+        """Byte range [start, end) of block ``index``."""
+        start = index * self.block_size
+        return start, min(start + self.block_size, self.size)
+
+    def footprint(self) -> int:
+        """Bytes charged to a tier when the object is complete (pages, plus metadata)."""
+        full, last = divmod(self.size, self.block_size)
+        return full * round_up(self.block_size) + round_up(last) + PAGE
+
+
+def round_up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def objects_dir(root: Path) -> Path:
+    return root / "v1" / "objects"
+
+
+def object_dir(root: Path, object_id: str) -> Path:
+    return objects_dir(root) / object_id[:2] / object_id
+
+
+def trash_dir(root: Path) -> Path:
+    return root / "v1" / "trash"
+
+
+def pins_dir(root: Path) -> Path:
+    return root / "v1" / "pins"
+
+
+def views_dir(root: Path) -> Path:
+    return root / "v1" / "views"
+
+
+def encode_header(header: ObjectHeader) -> bytes:
+    return (json.dumps({"format": FORMAT, **asdict(header)}, sort_keys=True) + "\n").encode()
+
+
+def encode_block(index: int, checksum: int) -> bytes:
+    return f"b {index} {checksum:016x}\n".encode()
+
+
+def parse_meta(raw: bytes) -> tuple[ObjectHeader, dict[int, int]]:
+    """Header and recorded blocks of a meta file. Raises ValueError if the header is bad.
+
+    Torn or malformed block lines (a crash mid-append) are skipped: their blocks
+    count as missing and are fetched again.
+    """
+    first, _, rest = raw.partition(b"\n")
+    if not _:
+        raise ValueError("meta header is incomplete")
+    fields = json.loads(first)
+    if fields.pop("format", None) != FORMAT:
+        raise ValueError("unknown meta format")
+    header = ObjectHeader(**fields)
+    blocks: dict[int, int] = {}
+    lines = rest.split(b"\n")
+    for line in lines[:-1]:  # the last piece has no newline: torn or empty
+        parts = line.split(b" ")
+        if len(parts) != 3 or parts[0] != b"b" or len(parts[2]) != 16:
+            continue
+        try:
+            index, checksum = int(parts[1]), int(parts[2], 16)
+        except ValueError:
+            continue
+        if 0 <= index < header.block_count:
+            blocks[index] = checksum
+    return header, blocks
+
+
+def write_file_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a temporary name and a rename."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

@@ -1,0 +1,126 @@
+"""Origins: where bytes live. One facade over per-protocol backends.
+
+``Origin.stat`` pins an object to a version; ``Origin.read`` fetches a byte range of
+that version into a buffer, retrying transient failures with backoff and jitter.
+Storage options come from the config (per URL prefix) and, in embedded mode, from
+the caller; they choose credentials, never cache keys.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from node.config import Config
+from node.origins.ranged_http import RangedHTTPClient
+from node.origins.ref import ObjectRef
+from node.retry import call_with_retries
+from node.urls import OriginURL, parse_url
+
+__all__ = ["ObjectRef", "Origin"]
+
+
+class Backend(Protocol):
+    def stat(self, url: OriginURL) -> ObjectRef: ...
+    def list(self, url: OriginURL) -> list[ObjectRef]: ...
+    def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None: ...
+
+
+class Origin:
+    def __init__(
+        self,
+        config: Config,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        observe: Callable[[str, float, BaseException | None], None] | None = None,
+    ) -> None:
+        """``options`` maps a protocol to storage options that override the config's.
+
+        ``observe(operation, seconds, error)`` is called after every origin request.
+        """
+        self._config = config
+        self._options = {k: dict(v) for k, v in (options or {}).items()}
+        self._backends: dict[tuple[str, str], Backend] = {}
+        self._lock = threading.Lock()
+        self._client = RangedHTTPClient(timeout=config.retry.timeout)
+        self._observe = observe
+
+    def backend(self, url: OriginURL) -> Backend:
+        options = self._config.options_for(url.canonical)
+        options.update(self._options.get(url.protocol, {}))
+        key = (url.protocol, json.dumps(options, sort_keys=True, default=str))
+        with self._lock:
+            backend = self._backends.get(key)
+            if backend is None:
+                backend = self._make_backend(url.protocol, options)
+                self._backends[key] = backend
+            return backend
+
+    def _make_backend(self, protocol: str, options: dict[str, Any]) -> Backend:
+        from node.origins.generic import FsspecBackend
+
+        try:
+            if protocol == "s3":
+                from node.origins.s3 import S3Backend
+
+                return S3Backend(options, self._client)
+            if protocol in ("http", "https"):
+                from node.origins.http import HTTPBackend
+
+                return HTTPBackend(protocol, options, self._client)
+            return FsspecBackend(protocol, options)
+        except ImportError as exc:
+            raise ImportError(
+                f"the {protocol}:// backend is not installed ({exc.name} is missing); "
+                f"install cachefs with the extra for it, e.g. pip install 'cachefs[{protocol}]'"
+            ) from exc
+
+    def _timed(self, operation: str, label: str, fn: Callable[[], Any]) -> Any:
+        def attempt() -> Any:
+            started = time.perf_counter()
+            try:
+                result = fn()
+            except BaseException as exc:
+                if self._observe:
+                    self._observe(operation, time.perf_counter() - started, exc)
+                raise
+            if self._observe:
+                self._observe(operation, time.perf_counter() - started, None)
+            return result
+
+        return call_with_retries(attempt, self._config.retry, label)
+
+    def stat(self, url: str | OriginURL) -> ObjectRef:
+        parsed = parse_url(url) if isinstance(url, str) else url
+        return self._timed("stat", parsed.canonical, lambda: self.backend(parsed).stat(parsed))
+
+    def resolve(self, source: str) -> list[ObjectRef]:
+        """A source (an object URL or a prefix) as the objects it names, now."""
+        url = parse_url(source)
+        if not source.endswith("/"):
+            try:
+                return [self.stat(url)]
+            except (IsADirectoryError, FileNotFoundError):
+                pass
+        refs = self._timed("list", url.canonical, lambda: self.backend(url).list(url))
+        if not refs:
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"nothing at {url}: no object of that name and no objects under it; check the URL",
+            )
+        return refs
+
+    def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None:
+        """Bytes [start, end) of ``ref``'s pinned version into ``into``."""
+        self._timed(
+            "read", ref.canonical, lambda: self.backend(ref.url).read(ref, start, end, into)
+        )
+
+    def ls(self, url: OriginURL) -> list[dict[str, Any]]:
+        backend = self.backend(url)
+        if hasattr(backend, "ls"):
+            return backend.ls(url)
+        return [{"name": r.canonical, "size": r.size, "type": "file"} for r in backend.list(url)]

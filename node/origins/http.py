@@ -1,0 +1,104 @@
+"""Plain HTTP(S) origins: HEAD for metadata, ranged GETs for bytes.
+
+The version is the strong ETag when the server sends one (then each GET carries
+If-Match), else size + Last-Modified. Every answer's ETag, Last-Modified and total
+size are compared with the pinned ones too, for servers that ignore If-Match.
+Listing a "directory" URL (ending in /) uses fsspec's HTTP filesystem, which reads
+the links of an index page.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from node.errors import VersionChangedError
+from node.origins.errors import error_for_status
+from node.origins.ranged_http import Answer, RangedHTTPClient
+from node.origins.ref import ObjectRef
+from node.urls import OriginURL
+
+
+class HTTPBackend:
+    def __init__(self, protocol: str, options: dict[str, Any], client: RangedHTTPClient) -> None:
+        self.protocol = protocol
+        self._options = options
+        self._headers = dict(options.get("headers") or {})
+        self._client = client
+
+    def stat(self, url: OriginURL) -> ObjectRef:
+        answer = self._client.head(url.fetch_url, label=url.canonical, headers=self._headers)
+        if answer.status == 405:  # HEAD not allowed: ask for the first byte instead
+            answer = self._client.get_range(
+                url.fetch_url, 0, 1, memoryview(bytearray(1)), url.canonical, self._headers
+            )
+        if answer.status >= 300:
+            raise error_for_status(answer.status, url.canonical)
+        size = _total_size(answer)
+        if size is None:
+            raise OSError(
+                errno.EIO,
+                f"{url} does not report its size (no Content-Length); cachefs needs it",
+            )
+        etag = answer.headers.get("etag")
+        return ObjectRef(
+            url=url,
+            version=_version(answer, size),
+            size=size,
+            etag=etag if etag and not etag.startswith("W/") else None,
+        )
+
+    def list(self, url: OriginURL) -> list[ObjectRef]:
+        import fsspec
+
+        fs = fsspec.filesystem(self.protocol, **self._options)
+        try:
+            found = fs.find(url.fetch_url)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                errno.ENOENT, f"no such object at the origin: {url}; check the URL"
+            ) from exc
+        return [
+            self.stat(OriginURL(self.protocol, str(u), str(u), str(u)))
+            for u in found
+            if not str(u).endswith("/")
+        ]
+
+    def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None:
+        headers = dict(self._headers)
+        if ref.etag:
+            headers["If-Match"] = ref.etag
+        answer = self._client.get_range(
+            ref.url.fetch_url, start, end, into, ref.canonical, headers, pinned=ref.version
+        )
+        total = _total_size(answer, ranged=True)
+        if total is not None and total != ref.size:
+            raise VersionChangedError(ref.canonical, ref.version, f"size is now {total}")
+        if _comparable(answer) and _version(answer, ref.size) != ref.version:
+            raise VersionChangedError(ref.canonical, ref.version, "the origin's ETag changed")
+        if not _comparable(answer):
+            current = self.stat(ref.url)
+            if current.version != ref.version:
+                raise VersionChangedError(ref.canonical, ref.version, f"now {current.version}")
+
+
+def _comparable(answer: Answer) -> bool:
+    return "etag" in answer.headers or "last-modified" in answer.headers
+
+
+def _version(answer: Answer, size: int) -> str:
+    etag = answer.headers.get("etag")
+    if etag:
+        return f"etag:{etag}"
+    return f"size:{size}:last-modified:{answer.headers.get('last-modified', '')}"
+
+
+def _total_size(answer: Answer, ranged: bool = False) -> int | None:
+    content_range = answer.headers.get("content-range", "")
+    if "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    if ranged:
+        return None
+    length = answer.headers.get("content-length")
+    return int(length) if length and length.isdigit() else None

@@ -1,0 +1,166 @@
+"""Ranged HTTP GETs straight into caller buffers, with per-thread keep-alive connections.
+
+This is the data path for S3 (through presigned URLs) and plain HTTP origins: each
+worker thread owns its connections, reads a block's body with ``readinto`` into a
+preallocated buffer (the socket read releases the GIL), and reuses the connection
+for the next block. URLs passed here may be signed: messages use ``label`` only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import threading
+from dataclasses import dataclass
+from email.message import Message
+from urllib.parse import urlsplit
+
+from node.errors import TransientOriginError
+from node.origins.errors import error_for_status
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Status and headers of an origin's answer (lower-case header names)."""
+
+    status: int
+    headers: dict[str, str]
+
+
+class RangedHTTPClient:
+    def __init__(self, timeout: float = 60.0) -> None:
+        self._timeout = timeout
+        self._local = threading.local()
+        self._ssl = ssl.create_default_context()
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        pool: dict[tuple[str, str], http.client.HTTPConnection] = (
+            getattr(self._local, "pool", None) or {}
+        )
+        self._local.pool = pool
+        conn = pool.get((scheme, netloc))
+        if conn is None:
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(netloc, timeout=self._timeout)
+            pool[(scheme, netloc)] = conn
+        return conn
+
+    def _drop(self, scheme: str, netloc: str) -> None:
+        conn = getattr(self._local, "pool", {}).pop((scheme, netloc), None)
+        if conn is not None:
+            conn.close()
+
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], label: str
+    ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for attempt in range(2):  # a kept-alive connection the server closed: reconnect once
+            conn = self._connection(*key)
+            try:
+                conn.request(method, target, headers=headers)
+                return conn.getresponse(), key
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(*key)
+                stale = isinstance(
+                    exc, http.client.RemoteDisconnected | BrokenPipeError | ConnectionResetError
+                )
+                if attempt == 0 and stale:
+                    continue
+                raise TransientOriginError(
+                    f"{label}: connection to the origin failed ({type(exc).__name__})"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def head(self, url: str, label: str, headers: dict[str, str] | None = None) -> Answer:
+        response, key = self._send("HEAD", url, dict(headers or {}), label)
+        try:
+            response.read()
+        except (OSError, http.client.HTTPException):
+            self._drop(*key)
+        answer = Answer(response.status, _lower(response.msg))
+        if response.will_close:
+            self._drop(*key)
+        return answer
+
+    def get_range(
+        self,
+        url: str,
+        start: int,
+        end: int,
+        into: memoryview,
+        label: str,
+        headers: dict[str, str] | None = None,
+        pinned: str = "",
+    ) -> Answer:
+        """GET bytes [start, end) of ``url`` into ``into`` (exactly end - start bytes)."""
+        request_headers = {"Range": f"bytes={start}-{end - 1}", **(headers or {})}
+        response, key = self._send("GET", url, request_headers, label)
+        answer = Answer(response.status, _lower(response.msg))
+        if response.status >= 300:
+            body = _read_quietly(response)
+            self._drop(*key)
+            raise error_for_status(response.status, label, body, pinned)
+        try:
+            _check_range(answer, start, end, label)
+        except OSError:
+            self._drop(*key)
+            raise
+        want = end - start
+        done = 0
+        try:
+            while done < want:
+                got = response.readinto(into[done:want])
+                if not got:
+                    break
+                done += got
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop(*key)
+            raise TransientOriginError(
+                f"{label}: reading from the origin failed ({type(exc).__name__})"
+            ) from None
+        if done != want:
+            self._drop(*key)
+            raise TransientOriginError(
+                f"{label}: the origin closed the connection after {done} of {want} bytes"
+            )
+        if response.will_close or not response.isclosed():
+            # A close, or a body longer than asked for: start the next request afresh.
+            self._drop(*key)
+        return answer
+
+
+def _read_quietly(response: http.client.HTTPResponse) -> bytes:
+    try:
+        return response.read(_ERROR_BODY_LIMIT)
+    except (OSError, http.client.HTTPException):
+        return b""
+
+
+def _lower(message: Message) -> dict[str, str]:
+    return {k.lower(): v for k, v in message.items()}
+
+
+def _check_range(answer: Answer, start: int, end: int, label: str) -> None:
+    """Accept 206, or 200 with a matching Content-Range, or 200 for a whole-object read."""
+    content_range = answer.headers.get("content-range", "")
+    if content_range:
+        expected = f"bytes {start}-{end - 1}/"
+        if not content_range.startswith(expected):
+            raise OSError(
+                f"{label}: the origin answered bytes {content_range!r} to a request for "
+                f"{start}-{end - 1}"
+            )
+        return
+    length = answer.headers.get("content-length")
+    if answer.status == 200 and start == 0 and length is not None and int(length) == end:
+        return
+    raise OSError(
+        f"{label}: the origin ignored the Range request (HTTP {answer.status}); "
+        "cachefs needs an origin that serves byte ranges"
+    )

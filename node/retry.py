@@ -1,0 +1,52 @@
+"""Retries with exponential backoff and full jitter, for transient origin errors only.
+
+A 4xx answer is final (retrying a missing key or a denied request only hides the
+cause); 5xx, throttling, resets and timeouts are retried up to ``attempts`` times.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from node.config import RetryConfig
+from node.errors import OriginUnavailableError, TransientOriginError
+
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OriginUnavailableError):
+        return False
+    return isinstance(exc, TransientOriginError | ConnectionError | TimeoutError)
+
+
+def backoff_delay(attempt: int, policy: RetryConfig) -> float:
+    """Full jitter: uniform in [0, min(max_delay, base_delay * 2**attempt)]."""
+    return random.uniform(0, min(policy.max_delay, policy.base_delay * 2**attempt))
+
+
+def call_with_retries(
+    fn: Callable[[], T],
+    policy: RetryConfig,
+    label: str,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Run ``fn``; on a transient error wait and try again, at most ``attempts`` times."""
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if on_retry is not None:
+                on_retry(exc)
+            if attempt == policy.attempts - 1:
+                raise OriginUnavailableError(
+                    f"{label}: the origin kept failing after {policy.attempts} attempts "
+                    f"(last: {exc}); check that it is reachable, or retry later"
+                ) from exc
+            time.sleep(backoff_delay(attempt, policy))
+    raise AssertionError("unreachable")

@@ -1,0 +1,170 @@
+"""Shared fixtures: real origin servers, scratch directories and unprivileged runs."""
+
+from __future__ import annotations
+
+import os
+import site
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from servers import (
+    AWS_ENV_TO_CLEAR,
+    NOBODY_GID,
+    NOBODY_UID,
+    NobodyRunner,
+    RangeHTTPServer,
+    S3Bucket,
+    S3Server,
+    make_traversable,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _clear_s3fs_instances() -> None:
+    """Drop cached S3FileSystem instances so none outlives the test that configured it."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One moto S3 server for the session; tests use the per-test ``s3`` facade."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Bucket]:
+    """A fresh bucket on the shared S3 server, with AWS env vars pointing at it.
+
+    The request log, faults and gates start empty, so counts cover this test only.
+    """
+    s3_server.reset()
+    for name in AWS_ENV_TO_CLEAR:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    _clear_s3fs_instances()
+    bucket = S3Bucket(s3_server, f"cachefs-test-{uuid.uuid4().hex[:12]}")
+    s3_server.create_bucket(bucket.name)
+    yield bucket
+    s3_server.reset()
+    _clear_s3fs_instances()
+    s3_server.delete_bucket(bucket.name)
+
+
+@pytest.fixture
+def http_origin() -> Iterator[RangeHTTPServer]:
+    """A private HTTP/1.1 origin with range, ETag and directory-index support."""
+    with RangeHTTPServer() as server:
+        yield server
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """An empty directory for a cache to live in."""
+    path = tmp_path / "cache"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Factory mounting a tmpfs of ``size_bytes`` (rounded up to pages), for full-disk tests.
+
+    Unmounted at teardown. Skips when this environment cannot mount (needs root).
+    """
+    mounted: list[Path] = []
+
+    def mount(size_bytes: int) -> Path:
+        target = tmp_path / f"tmpfs-{len(mounted)}"
+        target.mkdir()
+        argv = ["mount", "-t", "tmpfs", "-o", f"size={int(size_bytes)},mode=0755", "tmpfs"]
+        try:
+            result = subprocess.run(
+                [*argv, str(target)], capture_output=True, text=True, timeout=30
+            )
+        except FileNotFoundError:
+            pytest.skip("small_tmpfs: no 'mount' command in this environment")
+        if result.returncode != 0:
+            pytest.skip(
+                "small_tmpfs: mounting a tmpfs is not permitted here (needs root or "
+                f"CAP_SYS_ADMIN): {result.stderr.strip()}"
+            )
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], check=True, capture_output=True)
+
+
+def _runs_as_nobody(argv: list[str], env: dict[str, str]) -> bool:
+    try:
+        result = subprocess.run(
+            [*argv, "-c", "import fsspec"],
+            user=NOBODY_UID,
+            group=NOBODY_GID,
+            extra_groups=[],
+            env={**os.environ, **env},
+            cwd="/",
+            capture_output=True,
+            timeout=60,
+        )
+    except PermissionError:
+        return False
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def nobody_python() -> tuple[list[str], dict[str, str]]:
+    """An interpreter uid 65534 can run with this environment's packages, plus its env.
+
+    The test interpreter may sit under a directory that user cannot enter; then the
+    system interpreter of the same version is used with our paths on PYTHONPATH.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("run_as_nobody needs root to switch to uid 65534")
+    if _runs_as_nobody([sys.executable], {}):
+        return [sys.executable], {}
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    paths = [str(REPO_ROOT), *site.getsitepackages()]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    env = {"PYTHONPATH": os.pathsep.join(paths)}
+    # PATH may lead to per-user shims that user cannot enter; system dirs come after.
+    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/local/bin", "/usr/bin"]
+    for candidate in dict.fromkeys(str(Path(d) / version) for d in dirs if d):
+        if os.access(candidate, os.X_OK) and _runs_as_nobody([candidate], env):
+            return [candidate], env
+    pytest.skip(f"no {version} interpreter that uid 65534 can run")
+
+
+@pytest.fixture
+def run_as_nobody(
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    nobody_python: tuple[list[str], dict[str, str]],
+) -> NobodyRunner:
+    """Run argv or Python code as uid/gid 65534, since root bypasses file permissions.
+
+    ``tmp_path`` and its parents get search permission (o+x only), so what that user
+    can read or write below ``tmp_path`` depends on the modes the code under test set.
+    """
+    basetemp = tmp_path_factory.getbasetemp()
+    stop = basetemp.parent if basetemp.parent.name.startswith("pytest-of-") else basetemp
+    make_traversable(tmp_path, stop)
+    home = tmp_path / "nobody-home"
+    home.mkdir()
+    os.chown(home, NOBODY_UID, NOBODY_GID)
+    python, env = nobody_python
+    return NobodyRunner(python, home, env)
