@@ -10,6 +10,7 @@ runs the same fills for every block of a source's manifest, many at a time.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +30,7 @@ from node.units import format_size
 from node.urls import parse_url
 
 _MAX_ATTEMPTS = 3
+log = logging.getLogger("cachefs.engine")
 _SEQUENTIAL_TRACKED = 1024
 
 
@@ -320,6 +322,12 @@ class Engine:
         progress: Callable[[Progress], None] | None = None,
     ) -> PrefetchResult:
         state = Progress(bytes_total=manifest.size, objects_total=len(manifest.objects))
+        log.info(
+            "prefetch of %s: %d objects, %d bytes",
+            ", ".join(manifest.sources),
+            len(manifest.objects),
+            manifest.size,
+        )
         objects = self._place_all(manifest, pin, tier)
         jobs: list[tuple[ObjectRef, CachedObject, int, Future[bytes | None]]] = []
         remaining: dict[str, int] = {}

@@ -6,6 +6,7 @@ cause); 5xx, throttling, resets and timeouts are retried up to ``attempts`` time
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from node.config import RetryConfig
 from node.errors import OriginUnavailableError, TransientOriginError
 
 T = TypeVar("T")
+log = logging.getLogger("cachefs.origin")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -48,5 +50,14 @@ def call_with_retries(
                     f"{label}: the origin kept failing after {policy.attempts} attempts "
                     f"(last: {exc}); check that it is reachable, or retry later"
                 ) from exc
-            time.sleep(backoff_delay(attempt, policy))
+            delay = backoff_delay(attempt, policy)
+            log.warning(
+                "%s: %s; retry %d of %d in %.2fs",
+                label,
+                exc,
+                attempt + 1,
+                policy.attempts - 1,
+                delay,
+            )
+            time.sleep(delay)
     raise AssertionError("unreachable")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import grp
 import json
+import logging
 import os
 import shutil
 import threading
@@ -37,6 +38,7 @@ ROOT_MODE = 0o700
 GROUP_ROOT_MODE = 0o750
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 STALE_TMP_SECONDS = 3600
+log = logging.getLogger("cachefs.store")
 
 
 @dataclass(eq=False)
@@ -432,6 +434,7 @@ class Store:
         if not candidates:
             return False
         victim = min(candidates, key=lambda o: o.last_used)
+        log.info("evicting %s from tier %s to make room", victim.header.url, tier.name)
         self._remove(victim)
         tier.evictions += 1
         return True
@@ -609,6 +612,11 @@ class Store:
         with self._lock:
             if obj.retired:
                 return
+            log.warning(
+                "%s: blocks %s failed verification; fetching them again",
+                obj.header.url,
+                list(indices),
+            )
             held = obj.handed_out or _link_count(obj.data_path) > 1
             if held:
                 self._remove(obj)
