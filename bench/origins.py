@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -196,6 +197,18 @@ def serve_http(root: Path, cpus: str | None = "0",
         yield origin
 
 
+def _s3_client(origin: Origin) -> Any:
+    import boto3  # Only the S3 origin needs it.
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=origin.endpoint, aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY, region_name=REGION,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                      read_timeout=300),
+    )
+
+
 def warm_etags(origin: Origin, objects: Sequence[tuple[str, str]]) -> float:
     """HEAD each ``(bucket, key)`` once, one at a time; return the seconds it took.
 
@@ -204,18 +217,37 @@ def warm_etags(origin: Origin, objects: Sequence[tuple[str, str]]) -> float:
     """
     if origin.kind != "s3":
         return 0.0
-    import boto3  # Only the S3 origin needs it.
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3", endpoint_url=origin.endpoint, aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY, region_name=REGION,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                      read_timeout=300),
-    )
+    client = _s3_client(origin)
     start = time.perf_counter()
     for bucket, key in objects:
         client.head_object(Bucket=bucket, Key=key)
+    return time.perf_counter() - start
+
+
+def read_through(origin: Origin, bucket: str, key: str) -> float:
+    """GET a whole object once and discard it; return the seconds it took.
+
+    A freshly started server is slower on its first large transfer (its buffers
+    and heap grow); this keeps that out of the first timed run.
+    """
+    start = time.perf_counter()
+    buf = memoryview(bytearray(_CHUNK))
+    if origin.kind == "s3":
+        body = _s3_client(origin).get_object(Bucket=bucket, Key=key)["Body"]
+        while body.read(_CHUNK):
+            pass
+    else:
+        port = int(origin.endpoint.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        try:
+            conn.request("GET", f"/{bucket}/{key}")
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise RuntimeError(f"GET /{bucket}/{key}: HTTP {resp.status}")
+            while resp.readinto(buf):
+                pass
+        finally:
+            conn.close()
     return time.perf_counter() - start
 
 

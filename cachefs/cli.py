@@ -11,6 +11,7 @@ import argparse
 import getpass
 import json
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -22,7 +23,8 @@ EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's default must not erase the option given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--cache-dir", help="root of the default disk tier (CACHEFS_CACHE_DIR)")
     common.add_argument("--config", help="YAML config file (CACHEFS_CONFIG)")
     common.add_argument("--json", action="store_true", help="print JSON lines")
@@ -94,8 +96,17 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise ValueError("--holder names a pin's holder: add --pin")
     bar = None if args.json else ProgressBar(err)
     last_emit = [0.0]
+    shown = [-1]
+    lock = threading.Lock()
 
     def on_progress(progress: Any) -> None:
+        with lock:  # called from fill threads: one at a time, never an older snapshot
+            if progress.bytes_done < shown[0]:
+                return
+            shown[0] = progress.bytes_done
+            _show(progress)
+
+    def _show(progress: Any) -> None:
         if bar is not None:
             bar.update(progress)
             return
@@ -158,6 +169,7 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
 
     engine = _engine(args)
     objects = engine.matching(args.source) if args.source else engine.cached()
+    objects = sorted(objects, key=lambda o: o.header.url)  # the same order either way
     for obj in objects:
         record = {
             "url": obj.header.url,
@@ -229,6 +241,8 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for name, default in (("cache_dir", None), ("config", None), ("json", False)):
+        args.__dict__.setdefault(name, default)
     out, err = sys.stdout, sys.stderr
     try:
         if args.command == "prefetch":

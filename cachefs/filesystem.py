@@ -142,7 +142,10 @@ class CacheFileSystem(ChainedFileSystem):
         self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
     ) -> bytes:
         ref = self.engine.stat(self.origin_url(path))
-        return self.engine.read_ref(ref, start or 0, end)
+        # fsspec's contract: negative offsets count back from the end, like slices.
+        start = max(0, ref.size + start) if start is not None and start < 0 else start or 0
+        end = ref.size + end if end is not None and end < 0 else end
+        return self.engine.read_ref(ref, start, end)
 
     def open_local(self, path: str) -> str:
         """Path of the complete, verified cached file (fetched first if needed)."""

@@ -172,7 +172,8 @@ def _build(raw: dict[str, Any]) -> Config:
         raise ValueError(f"concurrency must be between 1 and 256: {concurrency}")
     origins = tuple(
         OriginConfig(prefix=str(o["prefix"]), options=dict(o.get("options") or {}))
-        for o in raw.get("origins") or ()
+        for i, o in enumerate(raw.get("origins") or ())
+        if _check_entry("origins", i, o, {"prefix", "options"}, "prefix")
     )
     return Config(
         tiers=tiers,
@@ -184,6 +185,15 @@ def _build(raw: dict[str, Any]) -> Config:
         origins=origins,
         retry=retry,
     )
+
+
+def _check_entry(section: str, index: int, item: Any, known: set[str], required: str) -> bool:
+    if not isinstance(item, dict) or required not in item:
+        raise ValueError(f"{section}[{index}] needs at least a {required}")
+    unknown = set(item) - known
+    if unknown:
+        raise ValueError(f"unknown config keys in {section}[{index}]: {', '.join(sorted(unknown))}")
+    return True
 
 
 def _check_key(section: str, key: str, cls: type) -> bool:
@@ -201,8 +211,7 @@ def _build_tiers(raw: dict[str, Any]) -> tuple[TierConfig, ...]:
         raise ValueError("set either cache_dir or tiers, not both")
     tiers = []
     for index, item in enumerate(spec):
-        if not isinstance(item, dict) or "path" not in item:
-            raise ValueError(f"tiers[{index}] needs at least a path")
+        _check_entry("tiers", index, item, {"name", "path", "medium", "quota"}, "path")
         medium = str(item.get("medium", "disk"))
         if medium not in MEDIA:
             raise ValueError(f"tiers[{index}].medium must be one of {MEDIA}, not {medium!r}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import Config
-from node.errors import IntegrityError, QuotaExceededError
+from node.errors import IntegrityError, QuotaExceededError, VersionChangedError
 from node.layout import ObjectHeader
 from node.origins import ObjectRef, Origin
 from node.stats import EngineStats
@@ -107,6 +107,12 @@ class Engine:
         self._stat_cache[parsed.canonical] = (now, ref)
         return ref
 
+    def _forget_stat(self, ref: ObjectRef) -> None:
+        """Drop the cached stat of ``ref``'s URL if it still names ``ref``'s version."""
+        cached = self._stat_cache.get(ref.canonical)
+        if cached is not None and cached[1].version == ref.version:
+            self._stat_cache.pop(ref.canonical, None)
+
     def header(self, ref: ObjectRef) -> ObjectHeader:
         obj = self.store.get(ref.id)
         block_size = obj.header.block_size if obj else self.config.block_size
@@ -162,10 +168,10 @@ class Engine:
             )
         if start == end:
             return
-        header = self.header(ref)
-        bs = header.block_size
+        obj = self.store.place(self.header(ref))
+        # Blocks as the stored object cuts them: another process may have made it.
+        bs = obj.header.block_size if obj is not None else self.config.block_size
         first, last = start // bs, (end - 1) // bs
-        obj = self.store.place(header)
         pending: dict[int, Future[bytes | None]] = {}
         with self._holding(obj):
             if obj is not None:
@@ -263,12 +269,21 @@ class Engine:
         header = obj.header if obj else self.header(ref)
         start, end = header.block_span(index)
         view = self._scratch(header.block_size)[: end - start]
-        self.origin.read(ref, start, end, view)
+        try:
+            self.origin.read(ref, start, end, view)
+        except VersionChangedError:
+            self._forget_stat(ref)  # so opening it again sees the new version
+            raise
         self.stats.fetched(end - start)
-        if obj is not None and not obj.retired:
+        for _attempt in range(_MAX_ATTEMPTS):
+            if obj is None:
+                break
             with self.store.in_use(obj):
-                if self.store.write_block(obj, index, view):
+                if not obj.retired and self.store.write_block(obj, index, view):
                     return None
+            if not obj.retired:
+                break  # no room
+            obj = self.store.place(header, obj.tier.name)  # evicted since placed: again
         self.stats.uncached(end - start)
         return bytes(view)
 
@@ -324,7 +339,7 @@ class Engine:
         state = Progress(bytes_total=manifest.size, objects_total=len(manifest.objects))
         log.info(
             "prefetch of %s: %d objects, %d bytes",
-            ", ".join(manifest.sources),
+            ", ".join(parse_url(s).canonical for s in manifest.sources),
             len(manifest.objects),
             manifest.size,
         )
@@ -345,36 +360,46 @@ class Engine:
         cached_before = state.bytes_done
         if progress:
             progress(state)
-        lock = threading.Lock()
+        lock = threading.Condition()
         uncached: list[str] = []
+        settled = [0]
 
         def on_done(ref: ObjectRef, obj: CachedObject, index: int, future: Future[Any]) -> None:
-            if future.cancelled() or future.exception() is not None:
-                return
-            start, end = obj.header.block_span(index)
             with lock:
-                if future.result() is not None:
-                    uncached.append(ref.canonical)
-                state.bytes_done += end - start
-                state.fetched_bytes += end - start
-                remaining[ref.id] -= 1
-                if remaining[ref.id] == 0:
-                    state.objects_done += 1
-                snapshot = Progress(**{k: getattr(state, k) for k in state.__dataclass_fields__})
-            if progress:
-                progress(snapshot)
+                try:
+                    if future.cancelled() or future.exception() is not None:
+                        return
+                    start, end = obj.header.block_span(index)
+                    if future.result() is not None:
+                        uncached.append(ref.canonical)
+                    state.bytes_done += end - start
+                    state.fetched_bytes += end - start
+                    remaining[ref.id] -= 1
+                    if remaining[ref.id] == 0:
+                        state.objects_done += 1
+                    if progress:  # under the lock: reports arrive in order
+                        fields = state.__dataclass_fields__
+                        progress(Progress(**{k: getattr(state, k) for k in fields}))
+                finally:
+                    settled[0] += 1
+                    lock.notify_all()
 
         for ref, obj, index, future in jobs:
             future.add_done_callback(
                 lambda f, ref=ref, obj=obj, index=index: on_done(ref, obj, index, f)
             )
         self._wait_all([job[3] for job in jobs])
+        with lock:  # done callbacks run after wait() returns: let every one land first
+            lock.wait_for(lambda: settled[0] == len(jobs))
         if uncached:
             raise QuotaExceededError(
                 f"{len(uncached)} blocks of {uncached[0]} could not be cached: no tier had "
-                "room beside pinned and in-use objects; raise the quota or unpin something"
+                "room (quota or disk full) beside pinned and in-use objects; raise the quota, "
+                "free disk space or unpin something"
             )
-        evicted = sum(1 for _, obj in objects if obj.retired)
+        evicted = sum(
+            1 for ref, _ in objects if not (o := self.store.get(ref.id)) or not o.complete
+        )
         return PrefetchResult(
             manifest=manifest,
             bytes=manifest.size,

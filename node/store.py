@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ import xxhash
 from node import layout
 from node.config import TierConfig, default_quota
 from node.errors import CacheDirError, QuotaExceededError
-from node.faults import crash_point
+from node.faults import crash_point, should_crash
 from node.layout import ObjectHeader
 from node.units import format_size
 
@@ -38,6 +39,8 @@ ROOT_MODE = 0o700
 GROUP_ROOT_MODE = 0o750
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 STALE_TMP_SECONDS = 3600
+# How long a writer waits for busy objects to be released before serving uncached.
+ROOM_WAIT_SECONDS = 10.0
 log = logging.getLogger("cachefs.store")
 
 
@@ -52,6 +55,7 @@ class CachedObject:
     charged: int = 0
     last_used: float = field(default_factory=time.time)
     users: int = 0
+    waiting: int = 0  # users blocked waiting for room: they do not keep it from eviction
     handed_out: bool = False
     retired: bool = False
     inode: int = 0
@@ -129,25 +133,29 @@ class Store:
         if not tiers:
             raise ValueError("at least one tier is needed")
         self._lock = threading.RLock()
+        self._room = threading.Condition(self._lock)  # notified when space may free up
         self._gid = _resolve_group(group) if group else None
         self.tiers = [self._open_tier(config) for config in tiers]
         self._pins: dict[str, set[str]] = {}
         self._load_pins()
         for tier in self.tiers:
             self._enforce_quota(tier)
+            tier.note_usage()  # after eviction: a smaller quota than last run holds too
 
     # -- setup -------------------------------------------------------------------
 
     def _open_tier(self, config: TierConfig) -> Tier:
         root = config.path
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            _make_parents(root)
+            root.mkdir(exist_ok=True)
             if self._gid is not None:
                 os.chown(root, -1, self._gid)
                 os.chmod(root, GROUP_ROOT_MODE)
             else:
                 os.chmod(root, ROOT_MODE)
             for sub in (
+                root / "v1",  # created first, so its mode does not depend on the umask
                 layout.objects_dir(root),
                 layout.trash_dir(root),
                 layout.pins_dir(root),
@@ -185,7 +193,6 @@ class Store:
                     continue
                 tier.objects[obj.id] = obj
                 tier.used += obj.charged
-        tier.note_usage()
 
     def _load_object(self, tier: Tier, directory: Path) -> CachedObject | None:
         for leftover in directory.glob("*.tmp"):
@@ -193,7 +200,8 @@ class Store:
                 with suppress(OSError):
                     leftover.unlink()
         try:
-            header, blocks = layout.parse_meta((directory / "meta").read_bytes())
+            raw = (directory / "meta").read_bytes()
+            header, blocks = layout.parse_meta(raw)
             data_size = (directory / "data").stat().st_size
         except (OSError, ValueError, TypeError):
             return None
@@ -201,8 +209,13 @@ class Store:
 
         if header.id != directory.name or object_id(header.url, header.version) != header.id:
             return None
-        if data_size != header.size:
-            blocks = {}
+        if data_size > header.size:
+            return None  # grown past its size: never hand it out, and never trim it in place
+        if data_size < header.size:  # cut short: only the blocks past the cut are lost
+            blocks = {i: c for i, c in blocks.items() if header.block_span(i)[1] <= data_size}
+        if not raw.endswith(b"\n"):  # end a torn record, or it swallows the next one
+            with suppress(OSError), open(directory / "meta", "ab") as meta:
+                meta.write(b"\n")
         obj = CachedObject(header=header, tier=tier, present=blocks)
         obj.inode = (directory / "data").stat().st_ino
         obj.charged = layout.PAGE + sum(_block_charge(header, i) for i in blocks)
@@ -216,7 +229,11 @@ class Store:
         except OSError:
             return
         crash_point("mid-eviction")
-        shutil.rmtree(target, ignore_errors=True)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:  # a stray file where an object directory belongs
+            with suppress(OSError):
+                target.unlink()
 
     # -- lookup ------------------------------------------------------------------
 
@@ -292,6 +309,7 @@ class Store:
             if not self._pins[holder]:
                 del self._pins[holder]
             self._save_pins(holder)
+            self._room.notify_all()
 
     def pinned_bytes(self, tier: Tier) -> int:
         with self._lock:
@@ -382,8 +400,10 @@ class Store:
         except OSError as exc:
             self._unreserve(tier, layout.PAGE)
             shutil.rmtree(staging, ignore_errors=True)
-            if exc.errno in _NO_SPACE:
-                return None
+            if exc.errno in _NO_SPACE:  # the disk is full below the quota: evict, retry
+                with self._lock:
+                    evicted = self._evict_one(tier, placeholder)
+                return self._create(tier, header) if evicted else None
             raise
         with self._lock:
             tier.reserved -= layout.PAGE
@@ -416,20 +436,43 @@ class Store:
     # -- space -------------------------------------------------------------------
 
     def _reserve(self, tier: Tier, amount: int, protect: CachedObject) -> bool:
-        """Reserve ``amount`` bytes in ``tier``, evicting LRU unpinned objects if needed."""
-        with self._lock:
+        """Reserve ``amount`` bytes in ``tier``, evicting LRU unpinned objects if needed.
+
+        When every evictable object is busy (being read or filled), wait for one to
+        be released, up to ROOM_WAIT_SECONDS; a writer that waits does not keep its
+        own object from eviction, so writers waiting on each other cannot deadlock.
+        """
+        deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        with self._room:
             while tier.used + tier.reserved + amount > tier.quota:
-                if not self._evict_one(tier, protect):
+                if self._evict_one(tier, protect):
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._busy(tier, protect):
+                    return False
+                protect.waiting += 1
+                try:
+                    self._room.wait(remaining)
+                finally:
+                    protect.waiting -= 1
+                if protect.retired:
                     return False
             tier.reserved += amount
             tier.note_usage()
             return True
 
+    def _busy(self, tier: Tier, protect: CachedObject) -> bool:
+        """Whether an unpinned object of ``tier`` is in active use (it will be released)."""
+        return any(
+            o is not protect and o.users > o.waiting and not self.is_pinned(o.id)
+            for o in tier.objects.values()
+        )
+
     def _evict_one(self, tier: Tier, protect: CachedObject | None) -> bool:
         candidates = [
             o
             for o in tier.objects.values()
-            if o is not protect and o.users == 0 and not self.is_pinned(o.id)
+            if o is not protect and o.users == o.waiting and not self.is_pinned(o.id)
         ]
         if not candidates:
             return False
@@ -448,6 +491,7 @@ class Store:
                 tier.used -= obj.charged
             obj.retired = True
             self._retire_directory(tier, obj.directory)
+            self._room.notify_all()
 
     def _enforce_quota(self, tier: Tier) -> None:
         """After a restart with a smaller quota: evict until usage fits."""
@@ -480,8 +524,9 @@ class Store:
         try:
             yield obj
         finally:
-            with self._lock:
+            with self._room:
                 obj.users -= 1
+                self._room.notify_all()
 
     def write_block(self, obj: CachedObject, index: int, data: memoryview) -> bool:
         """Write and record one block. False means it was not cached (no room, retired).
@@ -514,10 +559,10 @@ class Store:
                     record = layout.encode_block(index, checksum)
                     crash_point("before-checksum-record")
                     with open(obj.meta_path, "ab") as meta:
-                        if _torn_record_requested():
+                        if should_crash("torn-checksum-record"):  # this record only
                             meta.write(record[: len(record) // 2])
                             meta.flush()
-                            crash_point("torn-checksum-record")
+                            os.kill(os.getpid(), signal.SIGKILL)
                         meta.write(record)
                     with self._lock:
                         obj.tier.reserved -= charge
@@ -531,14 +576,17 @@ class Store:
                 self._unreserve(obj.tier, charge)
                 if exc.errno not in _NO_SPACE:
                     raise
-                with self._lock:
-                    if not self._evict_one(obj.tier, protect=obj):
-                        return False
+                with self._lock:  # free at least this block's pages, then retry
+                    goal = obj.tier.used - charge
+                    while obj.tier.used > goal:
+                        if not self._evict_one(obj.tier, protect=obj):
+                            return False
         return False
 
     def _unreserve(self, tier: Tier, amount: int) -> None:
-        with self._lock:
+        with self._room:
             tier.reserved -= amount
+            self._room.notify_all()
 
     def read(self, obj: CachedObject, index: int, offset: int, into: memoryview) -> bool:
         """Copy bytes of block ``index`` from ``offset`` within it into ``into``.
@@ -617,9 +665,12 @@ class Store:
                 obj.header.url,
                 list(indices),
             )
-            held = obj.handed_out or _link_count(obj.data_path) > 1
+            # A complete file may be mapped by a reader in any process (open_local),
+            # a linked one is in a view: repair those into a new file, never in place.
+            held = obj.handed_out or obj.complete or _link_count(obj.data_path) > 1
             if held:
-                self._remove(obj)
+                if not self._repair_into_new_file(obj, set(indices)):
+                    self._remove(obj)
                 return
             with obj.lock:
                 for index in indices:
@@ -634,6 +685,48 @@ class Store:
                 )
                 crash_point("mid-repair")
                 layout.write_file_atomic(obj.meta_path, payload)
+
+    def _repair_into_new_file(self, obj: CachedObject, bad: set[int]) -> bool:
+        """Copy the good blocks into a new data file and swap it in; False if no room.
+
+        The old file keeps its inode and bytes for whoever holds it; the new one
+        lacks the bad blocks, which readers then fetch again.
+        """
+        keep = {i: c for i, c in obj.present.items() if i not in bad}
+        charge = layout.PAGE + sum(_block_charge(obj.header, i) for i in keep)
+        if not self._reserve(obj.tier, charge, protect=obj):
+            return False
+        final = obj.directory
+        staging = final.parent / f".new-{obj.id}-{uuid.uuid4().hex[:8]}"
+        retired = layout.trash_dir(obj.tier.root) / f"{obj.id}-{uuid.uuid4().hex[:8]}"
+        with obj.lock:
+            try:
+                staging.mkdir(mode=layout.DIR_MODE)
+                os.chmod(staging, layout.DIR_MODE)
+                _copy_blocks(obj, staging / "data", keep)
+                layout.write_file_atomic(
+                    staging / "meta",
+                    layout.encode_header(obj.header)
+                    + b"".join(layout.encode_block(i, c) for i, c in sorted(keep.items())),
+                )
+                crash_point("mid-repair")
+                os.rename(final, retired)
+                os.rename(staging, final)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                self._unreserve(obj.tier, charge)
+                return False
+            inode = (final / "data").stat().st_ino
+        with self._lock:
+            obj.tier.reserved -= charge
+            obj.tier.used += charge - obj.charged
+            obj.charged = charge
+            obj.present = keep
+            obj.verified -= bad
+            obj.inode = inode
+            obj.handed_out = False
+        shutil.rmtree(retired, ignore_errors=True)
+        return True
 
     def local_path(self, obj: CachedObject) -> Path | None:
         """The data file of a complete, fully verified object, or None."""
@@ -715,6 +808,40 @@ def _pread_exact(path: Path, into: memoryview, offset: int, inode: int) -> bool 
         os.close(fd)
 
 
+def _make_parents(path: Path) -> None:
+    """Create the missing parents of ``path`` 0755, whatever the umask."""
+    for parent in reversed(path.parents):
+        try:
+            parent.mkdir()
+        except FileExistsError:
+            continue
+        os.chmod(parent, layout.DIR_MODE)
+
+
+def _copy_blocks(obj: CachedObject, target: Path, blocks: dict[int, int]) -> None:
+    """A new sparse data file holding ``blocks`` copied from ``obj``'s (in the kernel)."""
+    source = os.open(obj.data_path, os.O_RDONLY)
+    try:
+        if os.fstat(source).st_ino != obj.inode:
+            raise FileNotFoundError(errno.ENOENT, "data file replaced", str(obj.data_path))
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, layout.FILE_MODE)
+        try:
+            os.fchmod(fd, layout.FILE_MODE)
+            os.ftruncate(fd, obj.header.size)
+            for index in sorted(blocks):
+                start, end = obj.header.block_span(index)
+                offset = start
+                while offset < end:
+                    copied = os.copy_file_range(source, fd, end - offset, offset, offset)
+                    if copied == 0:
+                        raise OSError(errno.EIO, "short copy", str(obj.data_path))
+                    offset += copied
+        finally:
+            os.close(fd)
+    finally:
+        os.close(source)
+
+
 def _stale(path: Path) -> bool:
     try:
         return time.time() - path.stat().st_mtime > STALE_TMP_SECONDS
@@ -727,10 +854,6 @@ def _link_count(path: Path) -> int:
         return path.stat().st_nlink
     except OSError:
         return 1
-
-
-def _torn_record_requested() -> bool:
-    return os.environ.get("CACHEFS_TEST_CRASH_AT", "").startswith("torn-checksum-record")
 
 
 def _resolve_group(group: str) -> int:

@@ -23,11 +23,18 @@ class FsspecBackend:
         self.fs = fsspec.filesystem(protocol, **options)
 
     def _info(self, url: OriginURL) -> dict[str, Any]:
+        self.fs.invalidate_cache(url.path)  # a listing cached by find/ls may be stale
         try:
             return self.fs.info(url.path)
         except FileNotFoundError as exc:
             raise FileNotFoundError(
                 errno.ENOENT, f"no such object at the origin: {url}; check the URL"
+            ) from exc
+        except PermissionError as exc:
+            raise PermissionError(
+                errno.EACCES,
+                f"the origin denied access to {url}; check the credentials and "
+                "permissions configured for this origin",
             ) from exc
 
     def _ref(self, url: OriginURL, info: dict[str, Any]) -> ObjectRef:
@@ -36,11 +43,14 @@ class FsspecBackend:
     def stat(self, url: OriginURL) -> ObjectRef:
         info = self._info(url)
         if info.get("type") == "directory":
-            raise IsADirectoryError(errno.EISDIR, f"{url} is a directory")
+            raise IsADirectoryError(errno.EISDIR, f"{url} is a directory; name an object in it")
         return self._ref(url, info)
 
     def list(self, url: OriginURL) -> list[ObjectRef]:
-        found = self.fs.find(url.path, detail=True)
+        try:
+            found = self.fs.find(url.path, detail=True)
+        except FileNotFoundError:  # e.g. no such bucket: nothing under this URL
+            return []
         return [
             self._ref(url.child(path), info)
             for path, info in sorted(found.items())
@@ -48,6 +58,7 @@ class FsspecBackend:
         ]
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
+        self.fs.invalidate_cache(url.path)
         return self.fs.ls(url.path, detail=True)
 
     def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None:

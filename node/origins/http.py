@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import errno
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from node.errors import VersionChangedError
 from node.origins.errors import error_for_status
-from node.origins.ranged_http import Answer, RangedHTTPClient
+from node.origins.ranged_http import Answer, RangedHTTPClient, basic_auth
 from node.origins.ref import ObjectRef
-from node.urls import OriginURL
+from node.urls import OriginURL, parse_url
 
 
 class HTTPBackend:
@@ -32,6 +33,9 @@ class HTTPBackend:
             answer = self._client.get_range(
                 url.fetch_url, 0, 1, memoryview(bytearray(1)), url.canonical, self._headers
             )
+        location = answer.headers.get("location", "") if 300 <= answer.status < 400 else ""
+        if location and urlsplit(location).path.rstrip("/") == urlsplit(url.canonical).path:
+            raise IsADirectoryError(errno.EISDIR, f"{url} is a directory; name an object in it")
         if answer.status >= 300:
             raise error_for_status(answer.status, url.canonical)
         size = _total_size(answer)
@@ -51,18 +55,34 @@ class HTTPBackend:
     def list(self, url: OriginURL) -> list[ObjectRef]:
         import fsspec
 
-        fs = fsspec.filesystem(self.protocol, **self._options)
+        # Userinfo and query go to aiohttp as a header and params, never into URLs that
+        # fsspec logs; objects found on the same host inherit the userinfo for fetching.
+        parts = urlsplit(url.fetch_url)
+        userinfo, _, host = parts.netloc.rpartition("@")
+        options = dict(self._options)
+        if parts.query:
+            query = dict(parse_qsl(parts.query, keep_blank_values=True))
+            options["params"] = {**query, **(options.get("params") or {})}
+        if parts.username is not None:
+            client = dict(options.get("client_kwargs") or {})
+            auth = {"Authorization": basic_auth(parts.username, parts.password)}
+            client["headers"] = {**auth, **(client.get("headers") or {})}
+            options["client_kwargs"] = client
+        fs = fsspec.filesystem(self.protocol, **options)
         try:
-            found = fs.find(url.fetch_url)
-        except FileNotFoundError as exc:
+            found = fs.find(urlunsplit(parts._replace(netloc=host, query="")))
+        except FileNotFoundError:
             raise FileNotFoundError(
                 errno.ENOENT, f"no such object at the origin: {url}; check the URL"
-            ) from exc
-        return [
-            self.stat(OriginURL(self.protocol, str(u), str(u), str(u)))
-            for u in found
-            if not str(u).endswith("/")
-        ]
+            ) from None
+
+        def child(found_url: str) -> OriginURL:
+            split = urlsplit(found_url)
+            if userinfo and split.netloc == host:
+                split = split._replace(netloc=f"{userinfo}@{host}")
+            return parse_url(urlunsplit(split))  # canonical: no userinfo in keys
+
+        return [self.stat(child(str(u))) for u in found if not str(u).endswith("/")]
 
     def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None:
         headers = dict(self._headers)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import http.client
 import ssl
 import threading
+from base64 import b64encode
 from dataclasses import dataclass
 from email.message import Message
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from node.errors import TransientOriginError
 from node.origins.errors import error_for_status
@@ -58,8 +59,10 @@ class RangedHTTPClient:
         self, method: str, url: str, headers: dict[str, str], label: str
     ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
         parts = urlsplit(url)
-        key = (parts.scheme, parts.netloc)
+        key = (parts.scheme, parts.netloc.rpartition("@")[2])  # userinfo is not the host
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if parts.username is not None and "Authorization" not in headers:
+            headers = {**headers, "Authorization": basic_auth(parts.username, parts.password)}
         for attempt in range(2):  # a kept-alive connection the server closed: reconnect once
             conn = self._connection(*key)
             try:
@@ -133,6 +136,12 @@ class RangedHTTPClient:
             # A close, or a body longer than asked for: start the next request afresh.
             self._drop(*key)
         return answer
+
+
+def basic_auth(username: str, password: str | None) -> str:
+    """The Authorization header value for a URL's (percent-encoded) userinfo."""
+    userinfo = f"{unquote(username)}:{unquote(password or '')}"
+    return "Basic " + b64encode(userinfo.encode()).decode()
 
 
 def _read_quietly(response: http.client.HTTPResponse) -> bytes:

@@ -25,7 +25,9 @@ PRESIGN_REUSE_SECONDS = 1800
 
 class S3Backend(FsspecBackend):
     def __init__(self, options: dict[str, Any], client: RangedHTTPClient) -> None:
-        super().__init__("s3", options)
+        # Presign with SigV4: SigV2 URLs are refused by most S3 implementations now.
+        config_kwargs = {"signature_version": "s3v4", **(options.get("config_kwargs") or {})}
+        super().__init__("s3", {**options, "config_kwargs": config_kwargs})
         self._client = client
         self._signed: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
