@@ -44,6 +44,40 @@ ROOM_WAIT_SECONDS = 10.0
 log = logging.getLogger("cachefs.store")
 
 
+class SharedLock:
+    """Shared by block writers (they write disjoint ranges in parallel), exclusive for
+    a repair or a metadata rewrite, which must not race with any write."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 @dataclass(eq=False)
 class CachedObject:
     """One object in one tier, and what the store knows about its blocks."""
@@ -59,7 +93,7 @@ class CachedObject:
     handed_out: bool = False
     retired: bool = False
     inode: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: SharedLock = field(default_factory=lambda: SharedLock())
 
     @property
     def id(self) -> str:
@@ -547,7 +581,7 @@ class Store:
             if not self._reserve(obj.tier, charge, protect=obj):
                 return False
             try:
-                with obj.lock:
+                with obj.lock.shared():
                     if obj.retired:
                         self._unreserve(obj.tier, charge)
                         return False
@@ -660,19 +694,20 @@ class Store:
         with self._lock:
             if obj.retired:
                 return
-            log.warning(
-                "%s: blocks %s failed verification; fetching them again",
-                obj.header.url,
-                list(indices),
-            )
             # A complete file may be mapped by a reader in any process (open_local),
             # a linked one is in a view: repair those into a new file, never in place.
             held = obj.handed_out or obj.complete or _link_count(obj.data_path) > 1
-            if held:
-                if not self._repair_into_new_file(obj, set(indices)):
-                    self._remove(obj)
-                return
-            with obj.lock:
+        log.warning(
+            "%s: blocks %s failed verification; fetching them again",
+            obj.header.url,
+            list(indices),
+        )
+        if held:
+            if not self._repair_into_new_file(obj, set(indices)):
+                self._remove(obj)
+            return
+        with obj.lock.exclusive():
+            with self._lock:
                 for index in indices:
                     if index in obj.present:
                         del obj.present[index]
@@ -683,8 +718,8 @@ class Store:
                 payload = layout.encode_header(obj.header) + b"".join(
                     layout.encode_block(i, c) for i, c in sorted(obj.present.items())
                 )
-                crash_point("mid-repair")
-                layout.write_file_atomic(obj.meta_path, payload)
+            crash_point("mid-repair")
+            layout.write_file_atomic(obj.meta_path, payload)
 
     def _repair_into_new_file(self, obj: CachedObject, bad: set[int]) -> bool:
         """Copy the good blocks into a new data file and swap it in; False if no room.
@@ -699,7 +734,7 @@ class Store:
         final = obj.directory
         staging = final.parent / f".new-{obj.id}-{uuid.uuid4().hex[:8]}"
         retired = layout.trash_dir(obj.tier.root) / f"{obj.id}-{uuid.uuid4().hex[:8]}"
-        with obj.lock:
+        with obj.lock.exclusive():
             try:
                 staging.mkdir(mode=layout.DIR_MODE)
                 os.chmod(staging, layout.DIR_MODE)
