@@ -1,13 +1,15 @@
 """Cold prefetch and warm read: cachefs against the usual download tools.
 
     python bench/prefetch_bench.py [--size 1GiB] [--runs 3] [--out bench/out] [--tools ...]
+                                   [--no-prefault] [--load-wait 600] [--plot bench/prefetch.png]
 
 For each origin (``rclone serve s3``, ``rclone serve http``) every tool downloads
 the same random object into a fresh directory, as a subprocess pinned to the
-client CPUs, with the origin pinned to other CPUs and the page cache dropped
-before each run. Each download is checked against the source (size and xxh3-128)
-after the clock stops. Then the object, prefetched once by cachefs, is read warm
-through cachefs and directly. See bench/README.md for the method and the columns.
+client CPUs, with the origin pinned to other CPUs, the page cache dropped and
+memory pre-faulted before each run. Each download is checked against the source
+(size and xxh3-128) after the clock stops. Then the object, prefetched once by
+cachefs, is read warm through cachefs and directly. See bench/README.md for the
+method and the columns.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ WARMUP_SIZE = 4096
 MiB = 1024 * 1024
 COLD_TARGET = 0.9  # cachefs prefetch vs the fastest other tool
 WARM_TARGET = 0.95  # cachefs warm read vs reading the file directly
+PREFAULT_FACTOR = 2.5  # memory touched before each timed run, in object sizes
+QUIET_LOAD = 0.6  # 1-minute load average under which the benchmark starts
+LOAD_POLL_S = 5.0
 
 # --- client snippets -------------------------------------------------------------
 # Each runs as ``python -c SNIPPET ARGS...`` so that every Python tool pays for its
@@ -154,6 +159,34 @@ with ThreadPoolExecutor(threads) as pool:
 os.close(fd)
 """
 
+# cachefs in-process: the engine as a running node daemon holds it. Imports and the
+# engine's construction are untimed; only ``prefetch`` is timed (the object's stat,
+# and with it the origin client's creation, included). Prints {"seconds": ...,
+# "engine_seconds": ..., "fetched_bytes": ...}; engine_seconds is the engine's own
+# count, which starts after the stat (the CLI's --json output reports the same).
+CACHEFS_INPROCESS = """
+import json
+import sys
+import time
+from cachefs.embedded import get_engine
+import node.origins.http
+import node.origins.s3
+cache_dir, url = sys.argv[1:3]
+if url.startswith("s3://"):
+    import s3fs  # imported by the backend on first use: an import, so untimed
+get_engine(cache_dir)
+start = time.perf_counter()
+result = get_engine(cache_dir).prefetch([url])
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "engine_seconds": result.seconds,
+                  "fetched_bytes": result.fetched_bytes}))
+"""
+
+# Pre-faulting: touch this many bytes (argv[1]) and exit, so that the timed run that
+# follows writes into memory the guest has just freed rather than into pages the
+# host has taken back (see README, "Memory").
+PREFAULT = "import sys; b = b'\\x01' * int(sys.argv[1])"
+
 # Warm reads. Each prints {"seconds": ..., "bytes": ..., "xxh3": ...}; only the read
 # is timed, after one untimed read has put the file (and the buffer) in memory.
 WARM_PRELUDE = """
@@ -251,6 +284,13 @@ class ColdTool:
     locate: Callable[[RunContext, str], Path] = lambda ctx, _stdout: ctx.dest_file
     binary: str | None = None  # must be found for the tool to run
     subject: bool = False  # cachefs itself, compared against the others
+    # The tool times itself and prints {"seconds": ...} last; that replaces the wall
+    # time, and ``note`` says so under the table.
+    timed_inside: bool = False
+    note: str | None = None
+    # Reads the engine's own prefetch time (from the stat's end to the last byte)
+    # from the output, to show how the rest of the wall time is spent.
+    engine_seconds: Callable[[str], float] | None = None
 
 
 def find_binary(name: str) -> str | None:
@@ -326,6 +366,16 @@ def _cachefs_prefetch(ctx: RunContext) -> list[str]:
             "--json"]
 
 
+def _cachefs_inprocess(ctx: RunContext) -> list[str]:
+    return _python(ctx, CACHEFS_INPROCESS, str(ctx.dest), ctx.url)
+
+
+INPROCESS_NOTE = ("time measured inside the process, around `get_engine(cache_dir)"
+                  ".prefetch([url])`: what a running node daemon pays. The object's stat "
+                  "(for S3 also the client's creation) is included; interpreter start, "
+                  "imports and building the engine are not.")
+
+
 S3, HTTP = ("s3",), ("http",)
 BOTH = ("s3", "http")
 COLD_TOOLS: tuple[ColdTool, ...] = (
@@ -349,7 +399,12 @@ COLD_TOOLS: tuple[ColdTool, ...] = (
              lambda ctx: _python(ctx, HTTP_RANGES, ctx.url, str(ctx.dest_file), "16",
                                  str(8 * MiB))),
     ColdTool("cachefs prefetch", BOTH, _cachefs_prefetch,
-             locate=lambda ctx, stdout: cachefs_data_file(ctx.dest, stdout), subject=True),
+             locate=lambda ctx, stdout: cachefs_data_file(ctx.dest, stdout), subject=True,
+             engine_seconds=lambda stdout: _last_json(stdout)["seconds"]),
+    ColdTool("cachefs prefetch (in-process)", BOTH, _cachefs_inprocess,
+             locate=lambda ctx, stdout: cachefs_data_file(ctx.dest, stdout), subject=True,
+             timed_inside=True, note=INPROCESS_NOTE,
+             engine_seconds=lambda stdout: _last_json(stdout)["engine_seconds"]),
 )
 
 
@@ -390,6 +445,9 @@ class Result:
     subject: bool = False
     baseline: str | None = None
     other_load: list[float] = field(default_factory=list)
+    note: str | None = None  # a footnote under the table
+    engine_seconds: list[float] = field(default_factory=list)  # see ColdTool
+    timed_inside: bool = False  # see ColdTool
 
     def mbps(self, size: int) -> list[float]:
         return [size / 1e6 / s for s in self.seconds]
@@ -459,8 +517,9 @@ class Outcome:
 class Machine:
     """Page-cache control and process pinning shared by every run."""
 
-    def __init__(self, client_cpus: str | None) -> None:
+    def __init__(self, client_cpus: str | None, prefault_bytes: int = 0) -> None:
         self.client_cpus = client_cpus
+        self.prefault_bytes = prefault_bytes  # 0: no pre-faulting
         self.server_pid: int | None = None  # the origin's, for CpuMeter
         self.can_drop = self.drop_caches()
 
@@ -474,6 +533,23 @@ class Machine:
         except OSError:
             return False
         return True
+
+    def prefault(self) -> None:
+        """Touch ``prefault_bytes`` in a short child process, which then exits.
+
+        Memory the guest freed a while ago has gone back to the host and is slow to
+        touch again; memory freed a moment ago is not. Called right before each
+        timed run, so that every tool writes into recently freed memory alike.
+        """
+        if not self.prefault_bytes:
+            return
+        argv = pinned([sys.executable, "-c", PREFAULT, str(self.prefault_bytes)],
+                      self.client_cpus)
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"pre-faulting {self.prefault_bytes} bytes failed: "
+                               f"{error_line(proc.stderr.decode(errors='replace'))}")
 
     def run(self, argv: Sequence[str], env: dict[str, str], log_dir: Path,
             timeout: float) -> Outcome:
@@ -533,7 +609,8 @@ class Bench:
 
     def cold(self, origin: Origin, tools: Sequence[ColdTool]) -> list[Result]:
         """Every tool, ``runs`` times, round-robin so that drift hits all alike."""
-        results = {t.name: Result(t.name, subject=t.subject) for t in tools}
+        results = {t.name: Result(t.name, subject=t.subject, note=t.note,
+                                  timed_inside=t.timed_inside) for t in tools}
         env = client_env(origin)
         self.machine.server_pid = origin.process.pid
         for tool in tools:
@@ -550,6 +627,10 @@ class Bench:
                     outcome = self._cold_run(tool, ctx, env, dest)
                     result.seconds.append(outcome.seconds)
                     result.other_load.append(outcome.other_load)
+                    if tool.engine_seconds:
+                        with contextlib.suppress(RuntimeError, KeyError, TypeError, ValueError):
+                            result.engine_seconds.append(
+                                float(tool.engine_seconds(outcome.stdout)))
                 except RuntimeError as exc:
                     result.error = str(exc)  # Its output and logs stay for a look.
                 else:
@@ -559,7 +640,7 @@ class Bench:
         return list(results.values())
 
     def _prepare(self, tool: ColdTool, origin: Origin, env: dict[str, str], dest: Path) -> None:
-        """Everything untimed before a cold run: ETags, page cache, warm-ups."""
+        """Everything untimed before a cold run: ETags, page cache, warm-ups, memory."""
         # Before the drop: hashing an object reads it.
         warm_etags(origin, [(BUCKET, KEY), (BUCKET, WARMUP_KEY)])
         self.machine.drop_caches()
@@ -574,6 +655,7 @@ class Bench:
             with contextlib.suppress(RuntimeError):
                 self.machine.run(tool.argv(ctx), env, dest / "warmup-log", self.timeout)
             shutil.rmtree(ctx.dest, ignore_errors=True)
+        self.machine.prefault()  # last: the timed run starts right after it
 
     def _cold_run(self, tool: ColdTool, ctx: RunContext, env: dict[str, str],
                   dest: Path) -> Outcome:
@@ -581,6 +663,8 @@ class Bench:
         ctx.dest.mkdir(parents=True)
         self._prepare(tool, ctx.origin, env, dest)
         outcome = self.machine.run(tool.argv(ctx), env, dest / "log", self.timeout)
+        if tool.timed_inside:
+            outcome.seconds = _inside_seconds(outcome.stdout)
         try:
             path = tool.locate(ctx, outcome.stdout)
         except RuntimeError as exc:
@@ -626,6 +710,7 @@ class Bench:
                     continue
                 argv = entry.argv(sys.executable, data_file, cache_dir, url, self.size)
                 try:
+                    self.machine.prefault()
                     outcome = self.machine.run(argv, env, self.work / "warm-log" / "read",
                                                self.timeout)
                     doc = json.loads(outcome.stdout.strip().splitlines()[-1])
@@ -641,6 +726,48 @@ class Bench:
         return list(results.values()), where
 
 
+def _last_json(stdout: str) -> dict:
+    """The JSON object on the last line of ``stdout``."""
+    try:
+        doc = json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        raise RuntimeError(f"no JSON on its last line: {stdout.strip()[-160:]!r}") from exc
+    if not isinstance(doc, dict):
+        raise RuntimeError(f"not a JSON object on its last line: {stdout.strip()[-160:]!r}")
+    return doc
+
+
+def _inside_seconds(stdout: str) -> float:
+    """The ``seconds`` a self-timing tool printed on its last line."""
+    try:
+        seconds = float(_last_json(stdout)["seconds"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuntimeError(f"no time on its last line: {stdout.strip()[-160:]!r}") from exc
+    if not seconds > 0:
+        raise RuntimeError(f"implausible time: {seconds}")
+    return seconds
+
+
+def wait_for_quiet(threshold: float, timeout: float) -> bool:
+    """Wait until the 1-minute load average is below ``threshold``; False on timeout."""
+    deadline = time.monotonic() + timeout
+    load = os.getloadavg()[0]
+    if load < threshold:
+        print(f"1-minute load average {load:.2f} < {threshold}: starting", flush=True)
+        return True
+    print(f"waiting up to {timeout:.0f} s for the 1-minute load average ({load:.2f}) to fall "
+          f"below {threshold} (other jobs would disturb the timings)", flush=True)
+    while time.monotonic() < deadline:
+        time.sleep(LOAD_POLL_S)
+        load = os.getloadavg()[0]
+        print(f"  load average {load:.2f}", flush=True)
+        if load < threshold:
+            return True
+    print(f"load average still {load:.2f} after {timeout:.0f} s: going on; see the "
+          "max other load column", flush=True)
+    return False
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
@@ -648,8 +775,10 @@ def _slug(name: str) -> str:
 def _status(result: Result, size: int) -> str:
     if result.error:
         return f"error: {result.error}"
+    engine = (f"  (engine {result.engine_seconds[-1]:.3f} s)"
+              if len(result.engine_seconds) == len(result.seconds) else "")
     return (f"{result.seconds[-1]:.3f} s  {size / 1e6 / result.seconds[-1]:6.0f} MB/s  "
-            f"other load {result.other_load[-1]:.2f}")
+            f"other load {result.other_load[-1]:.2f}{engine}")
 
 
 # --- report -----------------------------------------------------------------------
@@ -683,8 +812,12 @@ def cold_table(title: str, results: Sequence[Result], size: int) -> str:
     lines = [f"### {title}", "",
              "| tool | median s | median MB/s | best MB/s | vs fastest other | max other load |",
              "|---|--:|--:|--:|--:|--:|"]
+    notes = list(dict.fromkeys(r.note for r in results if r.note))
+    marks = {note: "\u00b9\u00b2\u00b3\u2074\u2075"[i] for i, note in enumerate(notes[:5])}
     for r in results:
         name = f"**{r.name}**" if r.subject else r.name
+        if r.note in marks:
+            name += f" {marks[r.note]}"
         if r.error or not r.seconds:
             lines.append(f"| {name} | {_cell('error: ' + (r.error or 'no runs'))} | | | | |")
             continue
@@ -693,6 +826,9 @@ def cold_table(title: str, results: Sequence[Result], size: int) -> str:
         lines.append(f"| {name} | {statistics.median(r.seconds):.3f} | {med:.0f} | "
                      f"{max(r.mbps(size)):.0f} | {ratio} | {_max_load(r)} |")
     lines.append("")
+    lines.extend(f"{mark} {note}" for note, mark in marks.items())
+    if marks:
+        lines.append("")
     for r in results:
         if not r.subject:
             continue
@@ -703,6 +839,18 @@ def cold_table(title: str, results: Sequence[Result], size: int) -> str:
         verdict = "met" if ratio >= COLD_TARGET else "NOT met"
         lines.append(f"{r.name}: {ratio:.2f}x the fastest other tool ({fastest.name}); "
                      f"target >= {COLD_TARGET}x: {verdict}.")
+    parts = []
+    for r in results:
+        if not r.subject or r.error or not r.seconds or len(r.engine_seconds) != len(r.seconds):
+            continue
+        rest = statistics.median(a - b for a, b in zip(r.seconds, r.engine_seconds, strict=True))
+        what = "stat" if r.timed_inside else "start-up, stat and exit"
+        parts.append(f"{r.name}: engine {statistics.median(r.engine_seconds):.3f} s, "
+                     f"{what} {rest:.3f} s")
+    if parts:
+        lines.extend(["", "Where the cachefs time goes (medians over the runs; engine: its own "
+                      "count from the end of the stat to the last byte; the rest: the time in "
+                      "the table less the engine's): " + "; ".join(parts) + "."])
     lines.extend(_load_warning(results))
     return "\n".join(lines) + "\n"
 
@@ -785,6 +933,13 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * units[match.group(2).lower()])
 
 
+def _prefault_text(nbytes: int) -> str:
+    if not nbytes:
+        return "memory not pre-faulted"
+    return (f"{_human(nbytes)} of memory touched and freed by a child process right before "
+            "each timed run")
+
+
 def _human(size: int) -> str:
     for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if size >= factor:
@@ -818,6 +973,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cold-tools", action="store_true",
                         help="skip the untimed fetch of a tiny object by each tool after each "
                              "drop, so loading its code from disk counts")
+    parser.add_argument("--no-prefault", action="store_true",
+                        help="do not touch and free memory right before each timed run")
+    parser.add_argument("--load-wait", type=float, default=600,
+                        help=f"seconds to wait at the start for the 1-minute load average to "
+                             f"fall below {QUIET_LOAD} (default 600; 0: do not wait)")
+    parser.add_argument("--plot", type=Path, default=REPO / "bench" / "prefetch.png",
+                        help="where the plot goes (default bench/prefetch.png, next to "
+                             "RESULTS.md)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per command")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -850,7 +1013,10 @@ def _run(args: argparse.Namespace, work: Path, wanted: Callable[[str], bool]) ->
     print(f"writing {_human(args.size)} of random bytes to {source}", flush=True)
     digest = make_test_file(source, args.size)
     make_test_file(root / BUCKET / WARMUP_KEY, WARMUP_SIZE)
-    machine = Machine(args.client_cpus)
+    if args.load_wait > 0:
+        wait_for_quiet(QUIET_LOAD, args.load_wait)
+    prefault_bytes = 0 if args.no_prefault else int(args.size * PREFAULT_FACTOR)
+    machine = Machine(args.client_cpus, prefault_bytes)
     bench = Bench(machine, work, source, args.size, digest, args.runs, args.timeout,
                   warm_origin=not args.cold_origin, warm_tools=not args.cold_tools)
     servers = {"s3": serve_s3, "http": serve_http}
@@ -862,6 +1028,7 @@ def _run(args: argparse.Namespace, work: Path, wanted: Callable[[str], bool]) ->
         "page cache " + ("dropped" if machine.can_drop else "NOT dropped (no permission)")
         + " before each run",
         "tool code cold" if args.cold_tools else "tool code warmed by fetching a tiny object",
+        _prefault_text(prefault_bytes),
         "verified by size and xxh3-128",
     ])
     sections: list[tuple[str, list[Result], str]] = []
@@ -893,6 +1060,7 @@ def _run(args: argparse.Namespace, work: Path, wanted: Callable[[str], bool]) ->
                 title = f"Warm read of the cached object ({_human(args.size)})"
                 note = (f"{args.runs} run(s), each a fresh process on CPUs {args.client_cpus}; "
                         f"page cache warm (one untimed read first); only the read is timed; "
+                        f"{_prefault_text(prefault_bytes)}; "
                         f"direct reads use {where}; verified by xxh3-128.")
                 warm_markdown = warm_table(title, results, args.size) + f"\n{note}\n"
                 warm_section = (title, results, "GB/s")
@@ -907,11 +1075,12 @@ def _run(args: argparse.Namespace, work: Path, wanted: Callable[[str], bool]) ->
     (args.out / "prefetch.json").write_text(json.dumps(
         {"size": args.size, "runs": args.runs, "cold_origin": args.cold_origin,
          "cold_tools": args.cold_tools,
-         "page_cache_dropped": machine.can_drop,
+         "page_cache_dropped": machine.can_drop, "prefault_bytes": prefault_bytes,
          "sections": [{"title": t, "results": [r.__dict__ for r in rs]}
                       for t, rs, _ in sections]}, indent=2))
-    plot(args.out / "prefetch.png", sections, args.size)
-    print(f"wrote {args.out / 'prefetch.md'}, prefetch.png, prefetch.json")
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(args.plot, sections, args.size)
+    print(f"wrote {args.out / 'prefetch.md'}, {args.out / 'prefetch.json'}, {args.plot}")
     return 0
 
 

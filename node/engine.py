@@ -10,12 +10,14 @@ runs the same fills for every block of a source's manifest, many at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +104,8 @@ class Engine:
         now = time.monotonic()
         cached = self._stat_cache.get(parsed.canonical)
         if cached is not None and now - cached[0] < self.config.revalidate_after:
-            return cached[1]
+            # Same object, but fetch with this caller's URL (its own signature/userinfo).
+            return dataclasses.replace(cached[1], url=parsed)
         ref = self.origin.stat(parsed)
         self._stat_cache[parsed.canonical] = (now, ref)
         return ref
@@ -180,7 +183,7 @@ class Engine:
                 missing = list(range(first, last + 1))
             own_first = None
             for index in missing:
-                future, created = self._flight(ref, obj, index)
+                future, created = self._flight(ref, index)
                 pending[index] = future
                 if created and own_first is None:
                     own_first = (index, future)
@@ -216,7 +219,7 @@ class Engine:
                 return
             # Evicted, replaced or found corrupt since: place again and refill.
             obj = self.store.place(self.header(ref))
-            future, created = self._flight(ref, obj, index)
+            future, created = self._flight(ref, index)
             if created:
                 self._run_flight(ref, obj, index, future)
         raise IntegrityError(
@@ -224,16 +227,12 @@ class Engine:
             f"{_MAX_ATTEMPTS} attempts; check the cache disk"
         )
 
-    def _holding(self, obj: CachedObject | None) -> Any:
-        from contextlib import nullcontext
-
+    def _holding(self, obj: CachedObject | None) -> AbstractContextManager[Any]:
         return self.store.in_use(obj) if obj is not None else nullcontext()
 
     # -- fills -------------------------------------------------------------------
 
-    def _flight(
-        self, ref: ObjectRef, obj: CachedObject | None, index: int
-    ) -> tuple[Future[bytes | None], bool]:
+    def _flight(self, ref: ObjectRef, index: int) -> tuple[Future[bytes | None], bool]:
         """The in-flight fill of a block, and whether this call created it."""
         key = (ref.id, index)
         with self._flights_lock:
@@ -310,7 +309,7 @@ class Engine:
             first, min(first + self.config.readahead_blocks, obj.header.block_count)
         ):
             if index not in obj.present:
-                future, created = self._flight(ref, obj, index)
+                future, created = self._flight(ref, index)
                 if created:
                     self._pool.submit(self._run_flight, ref, obj, index, future)
 
@@ -353,7 +352,7 @@ class Engine:
             if not missing:
                 state.objects_done += 1
             for index in missing:
-                future, created = self._flight(ref, obj, index)
+                future, created = self._flight(ref, index)
                 if created:
                     self._pool.submit(self._run_flight, ref, obj, index, future)
                 jobs.append((ref, obj, index, future))

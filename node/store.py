@@ -94,6 +94,7 @@ class CachedObject:
     retired: bool = False
     inode: int = 0
     lock: SharedLock = field(default_factory=lambda: SharedLock())
+    append_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def id(self) -> str:
@@ -180,6 +181,7 @@ class Store:
 
     def _open_tier(self, config: TierConfig) -> Tier:
         root = config.path
+        _warn_if_not_memory(config)
         try:
             _make_parents(root)
             root.mkdir(exist_ok=True)
@@ -592,7 +594,8 @@ class Store:
                     crash_point("after-data-write")
                     record = layout.encode_block(index, checksum)
                     crash_point("before-checksum-record")
-                    with open(obj.meta_path, "ab") as meta:
+                    # One append at a time: each record is one write, whole or absent.
+                    with obj.append_lock, open(obj.meta_path, "ab") as meta:
                         if should_crash("torn-checksum-record"):  # this record only
                             meta.write(record[: len(record) // 2])
                             meta.flush()
@@ -875,6 +878,39 @@ def _copy_blocks(obj: CachedObject, target: Path, blocks: dict[int, int]) -> Non
             os.close(fd)
     finally:
         os.close(source)
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """The type (from /proc/mounts) of the filesystem holding ``path``."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    probe = path.resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3:
+            target = fields[1].replace("\\040", " ")
+            inside = str(probe) == target or str(probe).startswith(target.rstrip("/") + "/")
+            if inside and len(target) >= len(best):
+                best, kind = target, fields[2]
+    return kind
+
+
+def _warn_if_not_memory(config: TierConfig) -> None:
+    if config.medium != "memory":
+        return
+    kind = _filesystem_type(config.path)
+    if kind is not None and kind not in ("tmpfs", "ramfs", "hugetlbfs"):
+        log.warning(
+            "tier %r is a memory tier but %s is on %s, not tmpfs: it will run at disk speed",
+            config.name,
+            config.path,
+            kind,
+        )
 
 
 def _stale(path: Path) -> bool:

@@ -7,6 +7,7 @@ with one ``cachefs: error:`` line on stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -122,12 +123,15 @@ def assert_cli_error(result: subprocess.CompletedProcess[str], *fragments: str) 
 
 
 def assert_message(exc: BaseException, *fragments: str) -> None:
+    """The exception's message holds every fragment."""
     for fragment in fragments:
         assert fragment in str(exc), (fragment, str(exc))
 
 
 @dataclass(frozen=True)
 class Origins:
+    """The test's S3 bucket and HTTP server."""
+
     s3: S3Bucket
     http: RangeHTTPServer
 
@@ -249,8 +253,6 @@ def test_bad_url_through_chained_fsspec(origins: Origins, sandbox: Sandbox) -> N
 
 def test_json_error_line(origins: Origins, sandbox: Sandbox) -> None:
     """With --json a failure also prints one JSON error event on stdout."""
-    import json
-
     url = origins.s3.url("missing.bin")
     result = sandbox.cli("prefetch", "--json", url)
     assert_cli_error(result, url)
@@ -395,17 +397,12 @@ def test_unwritable_cache_dir(
     readonly.mkdir(mode=0o755)
     cache = readonly / "cache"
     before = snapshot(tmp_path, tmp_path / "nobody-home")
-    env = {
-        "PYTHONPATH": os.pathsep.join(
-            filter(
-                None,
-                [
-                    str(REPO_ROOT),
-                    os.environ.get("PYTHONPATH", run_as_nobody.extra_env.get("PYTHONPATH")),
-                ],
-            )
-        )
-    }
+    paths = [
+        str(REPO_ROOT),
+        run_as_nobody.extra_env.get("PYTHONPATH"),
+        os.environ.get("PYTHONPATH"),
+    ]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     code = run_as_nobody([*run_as_nobody.python, "-c", _NOBODY_CODE, str(cache), url], env=env)
     lines = code.stdout.splitlines()
     assert len(lines) == 2, code.stdout + code.stderr

@@ -31,6 +31,7 @@ class Cli:
     env_extra: dict[str, str] = field(default_factory=dict)
 
     def env(self, **extra: str) -> dict[str, str]:
+        """The child's environment: no inherited CACHEFS_ settings, 64 KiB blocks."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
         env.pop("XDG_CACHE_HOME", None)
         env.update(
@@ -45,6 +46,7 @@ class Cli:
         return env
 
     def argv(self, *args: str) -> list[str]:
+        """The command line that runs the CLI with ``args``."""
         return [sys.executable, "-m", "cachefs.cli", *args]
 
     def __call__(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -60,6 +62,7 @@ class Cli:
 
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
+    """A CLI runner whose HOME (and so default cache dir) is private to the test."""
     home = tmp_path / "home"
     home.mkdir()
     return Cli(home)
@@ -83,6 +86,7 @@ def failed(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of ``text`` parsed as JSON."""
     return [json.loads(line) for line in text.splitlines()]
 
 
@@ -209,10 +213,11 @@ def test_holder_without_pin_is_an_error(cli: Cli, files: RangeHTTPServer, cache_
 
 
 def _two_tier_config(tmp_path: Path) -> Path:
+    """A config file with two tiers, ``fast`` (1 MiB) and ``disk`` (8 MiB)."""
     config = tmp_path / "cachefs.yaml"
     config.write_text(
         f"block_size: 64KiB\ntiers:\n"
-        f"  - {{name: ram, path: {tmp_path / 'ram'}, medium: memory, quota: 1MiB}}\n"
+        f"  - {{name: fast, path: {tmp_path / 'fast'}, quota: 1MiB}}\n"
         f"  - {{name: disk, path: {tmp_path / 'disk'}, quota: 8MiB}}\n"
     )
     return config
@@ -222,25 +227,25 @@ def test_tier_and_status(cli: Cli, files: RangeHTTPServer, tmp_path: Path) -> No
     """--tier places objects in the named tier; status reports each tier's use and quota."""
     config = str(_two_tier_config(tmp_path))
     ok(cli("--config", config, "prefetch", "--tier", "disk", files.url("/m/a.bin")))
-    ok(cli("--config", config, "prefetch", "--tier", "ram", files.url("/m/b.bin")))
+    ok(cli("--config", config, "prefetch", "--tier", "fast", files.url("/m/b.bin")))
     tiers = {e["url"]: e["tier"] for e in json_lines(ok(cli("--config", config, "ls", "--json")))}
-    assert tiers == {files.url("/m/a.bin"): "disk", files.url("/m/b.bin"): "ram"}
-    assert list((tmp_path / "ram" / "v1" / "objects").glob("*/*/data"))
+    assert tiers == {files.url("/m/a.bin"): "disk", files.url("/m/b.bin"): "fast"}
+    assert list((tmp_path / "fast" / "v1" / "objects").glob("*/*/data"))
     status = json_lines(ok(cli("status", "--json", "--config", config)))
     assert len(status) == 1
     usage = {t["name"]: t for t in status[0]["tiers"]}
-    assert (usage["ram"]["quota"], usage["disk"]["quota"]) == (1024 * KIB, 8192 * KIB)
-    assert (usage["ram"]["medium"], usage["disk"]["medium"]) == ("memory", "disk")
-    assert usage["disk"]["used"] >= len(DATA_A) and usage["ram"]["used"] >= len(DATA_B)
-    assert (usage["ram"]["objects"], usage["disk"]["objects"]) == (1, 1)
+    assert (usage["fast"]["quota"], usage["disk"]["quota"]) == (1024 * KIB, 8192 * KIB)
+    assert (usage["fast"]["medium"], usage["disk"]["medium"]) == ("disk", "disk")
+    assert usage["disk"]["used"] >= len(DATA_A) and usage["fast"]["used"] >= len(DATA_B)
+    assert (usage["fast"]["objects"], usage["disk"]["objects"]) == (1, 1)
     assert usage["disk"]["path"] == str(tmp_path / "disk")
     human = ok(cli("--config", config, "status")).splitlines()
-    assert human[0].startswith(f"tier ram (memory) {tmp_path / 'ram'}: ")
+    assert human[0].startswith(f"tier fast (disk) {tmp_path / 'fast'}: ")
     assert "of 1.0 MiB used" in human[0] and "1 objects" in human[0]
     failed(
         cli("--config", config, "prefetch", "--tier", "tape", files.url("/m/a.bin")),
         "no tier named 'tape'",
-        "ram, disk",
+        "fast, disk",
     )
 
 
@@ -255,7 +260,7 @@ def test_environment_variables(cli: Cli, files: RangeHTTPServer, tmp_path: Path)
     config = _two_tier_config(tmp_path)
     ok(cli("prefetch", files.url("/m/a.bin"), CACHEFS_CONFIG=str(config)))
     listed = json_lines(ok(cli("ls", "--json", CACHEFS_CONFIG=str(config))))
-    assert [(e["url"], e["tier"]) for e in listed] == [(files.url("/m/a.bin"), "ram")]
+    assert [(e["url"], e["tier"]) for e in listed] == [(files.url("/m/a.bin"), "fast")]
 
     arg_cache = tmp_path / "arg-cache"
     ok(cli("--cache-dir", str(arg_cache), "prefetch", files.url("/m/b.bin"),
@@ -320,6 +325,7 @@ def _run_in_pty(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 @pytest.fixture
 def big_file(http_origin: RangeHTTPServer) -> Iterator[str]:
+    """A 2 MiB object: 32 blocks, enough for several progress frames."""
     http_origin.put("/big.bin", os.urandom(2 * 1024 * KIB))
     yield http_origin.url("/big.bin")
 

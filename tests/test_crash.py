@@ -242,9 +242,10 @@ def test_crash_point_in_block_write(
 ) -> None:
     """A kill between a block's bytes and its record loses that block only, never trust.
 
-    Writes to one object are serialised, so the N-th hit finds exactly N - 1 blocks
-    recorded, each with the origin's bytes; a torn record is ignored and does not
-    swallow the record appended after it.
+    Blocks of one object are written in parallel, but a record follows its own
+    block's write, so the N-th hit finds at most N - 1 blocks recorded, each with the
+    origin's bytes; a torn record is ignored and does not swallow the record
+    appended after it.
     """
     block_size = 64 * KIB
     data = random.Random(hit).randbytes(20 * block_size + 1234)
@@ -255,7 +256,7 @@ def test_crash_point_in_block_write(
     run_until_crash(["--cache-dir", str(cache_dir), "prefetch", url], env)
 
     (state,) = read_metas(cache_dir).values()
-    assert len(state.blocks) == hit - 1
+    assert len(state.blocks) <= hit - 1
     if point == "torn-checksum-record":
         assert state.torn_tail.startswith(b"b "), "the crash left no torn record"
     else:

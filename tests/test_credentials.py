@@ -162,6 +162,7 @@ def run_cli(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def assert_cli_clean(result: subprocess.CompletedProcess[str], code: int) -> None:
+    """The run exited with ``code`` and printed no secret."""
     assert result.returncode == code, result.stderr
     for stream in (result.stdout, result.stderr):
         assert not leaks(stream), f"CLI output leaked {leaks(stream)}: {stream}"
@@ -178,6 +179,7 @@ def make_engine(cache: Path, **options: Any) -> Engine:
 
 @pytest.fixture
 def engine(cache_dir: Path) -> Iterator[Engine]:
+    """An engine on the test's cache directory."""
     eng = make_engine(cache_dir)
     yield eng
     eng.close()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import Background
 from servers import RangeHTTPServer, S3Bucket, wait_for
 
 from node.config import load_config
@@ -20,31 +20,6 @@ BLOCK = 64 * KIB
 DATA = os.urandom(150 * KIB)  # three blocks: two full, one partial
 BLOCK0 = (0, BLOCK - 1)
 ATTEMPTS = 3
-
-
-class Background:
-    """Runs a call in a thread and keeps its result, to act while it is blocked."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def join(self, timeout: float = 30.0) -> Any:
-        assert self.done.wait(timeout), "background call did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def make_engine(cache: Path, **overrides: Any) -> Engine:
@@ -61,6 +36,7 @@ def make_engine(cache: Path, **overrides: Any) -> Engine:
 
 @pytest.fixture
 def engine(cache_dir: Path) -> Iterator[Engine]:
+    """An engine on the test's cache directory (see ``make_engine``)."""
     eng = make_engine(cache_dir)
     yield eng
     eng.close()
@@ -378,3 +354,21 @@ def test_concurrency_limit_is_never_exceeded(http_origin: RangeHTTPServer, cache
     assert most == 2
     assert result.fetched_bytes == len(data)
     assert len(http_origin.gets("/big.bin")) == blocks
+
+
+def test_s3_metadata_errors_use_cachefs_retries(s3: S3Bucket, cache_dir: Path) -> None:
+    """A HEAD answered 503 is retried by cachefs's policy (not the SDK's), and when
+    it keeps failing the error names the URL."""
+    s3.put("meta.bin", DATA)
+    engine = make_engine(cache_dir)
+    try:
+        s3.fail_next(ATTEMPTS - 1, 503, key="meta.bin", methods=("HEAD",))
+        assert engine.stat(s3.url("meta.bin")).size == len(DATA)
+        assert s3.heads("meta.bin") == ATTEMPTS
+        s3.reset_requests()
+        s3.fail_next(ATTEMPTS, 503, key="meta.bin", methods=("HEAD",))
+        with pytest.raises(OriginUnavailableError, match=s3.url("meta.bin")):
+            engine.stat(s3.url("meta.bin"))
+        assert s3.heads("meta.bin") == ATTEMPTS
+    finally:
+        engine.close()

@@ -20,6 +20,7 @@ from typing import Any
 import fsspec
 import pytest
 import yaml
+from helpers import Background
 from servers import ByteRange, Gate, RangeHTTPServer, S3Bucket, wait_for
 
 from node.config import load_config
@@ -111,29 +112,6 @@ def make_engine(cache_dir: Path) -> Iterator[Callable[..., Engine]]:
     yield make
     for engine in engines:
         engine.close()
-
-
-class Background:
-    """Runs a call in a thread and keeps its result or exception."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        threading.Thread(target=self._run, args=(fn,), daemon=True).start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def outcome(self, timeout: float = 30.0) -> Any:
-        """The result, or the exception raised (returned, not raised)."""
-        assert self.done.wait(timeout), "background call did not finish"
-        return self.error if self.error is not None else self.result
 
 
 def assert_whole_version(

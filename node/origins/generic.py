@@ -12,9 +12,12 @@ from typing import Any
 
 import fsspec
 
-from node.errors import VersionChangedError
+from node.errors import TransientOriginError, VersionChangedError
 from node.origins.ref import ObjectRef, version_from_info
 from node.urls import OriginURL
+
+# errno values backends (s3fs's error table among them) use for answers worth retrying.
+TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET})
 
 
 class FsspecBackend:
@@ -36,6 +39,8 @@ class FsspecBackend:
                 f"the origin denied access to {url}; check the credentials and "
                 "permissions configured for this origin",
             ) from exc
+        except OSError as exc:
+            raise _with_url(exc, url) from exc
 
     def _ref(self, url: OriginURL, info: dict[str, Any]) -> ObjectRef:
         return ObjectRef(url=url, version=version_from_info(info), size=int(info["size"] or 0))
@@ -78,3 +83,12 @@ class FsspecBackend:
             raise VersionChangedError(ref.canonical, ref.version, "deleted at the origin") from exc
         if current != ref.version:
             raise VersionChangedError(ref.canonical, ref.version, f"now {current}")
+
+
+def _with_url(exc: OSError, url: OriginURL) -> OSError:
+    """A backend's bare error ("Service Unavailable") as one that names the URL;
+    transient kinds become TransientOriginError, which the origin layer retries."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in TRANSIENT_ERRNOS or isinstance(exc, ConnectionError | TimeoutError):
+        return TransientOriginError(f"{url}: origin answered {reason}")
+    return OSError(exc.errno or errno.EIO, f"{url}: origin answered {reason}")

@@ -8,18 +8,21 @@ for the next block. URLs passed here may be signed: messages use ``label`` only.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import ssl
 import threading
 from base64 import b64encode
 from dataclasses import dataclass
 from email.message import Message
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from node.errors import TransientOriginError
 from node.origins.errors import error_for_status
 
 _ERROR_BODY_LIMIT = 64 * 1024
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class RangedHTTPClient:
     def __init__(self, timeout: float = 60.0) -> None:
         self._timeout = timeout
         self._local = threading.local()
-        self._ssl = ssl.create_default_context()
+        self._ssl: ssl.SSLContext | None = None  # made on first https use: loading CAs is slow
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         pool: dict[tuple[str, str], http.client.HTTPConnection] = (
@@ -44,6 +47,8 @@ class RangedHTTPClient:
         conn = pool.get((scheme, netloc))
         if conn is None:
             if scheme == "https":
+                if self._ssl is None:
+                    self._ssl = ssl.create_default_context()
                 conn = http.client.HTTPSConnection(netloc, timeout=self._timeout, context=self._ssl)
             else:
                 conn = http.client.HTTPConnection(netloc, timeout=self._timeout)
@@ -80,8 +85,32 @@ class RangedHTTPClient:
                 ) from None
         raise AssertionError("unreachable")
 
+    def _request(
+        self, method: str, url: str, headers: dict[str, str], label: str
+    ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
+        """Send, following redirects (e.g. a model hub's redirect to its CDN).
+
+        A redirect that only appends "/" is not followed: it says the URL is a
+        directory. Credentials are not sent on to another host.
+        """
+        for _hop in range(MAX_REDIRECTS + 1):
+            response, key = self._send(method, url, headers, label)
+            location = response.getheader("location")
+            if response.status not in _REDIRECTS or not location:
+                return response, key
+            target = urljoin(url, location)
+            if _adds_slash(url, target):
+                return response, key
+            _read_quietly(response)
+            if response.will_close or not response.isclosed():
+                self._drop(*key)
+            if _host(target) != _host(url):
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = target
+        raise OSError(errno.EIO, f"{label}: more than {MAX_REDIRECTS} redirects")
+
     def head(self, url: str, label: str, headers: dict[str, str] | None = None) -> Answer:
-        response, key = self._send("HEAD", url, dict(headers or {}), label)
+        response, key = self._request("HEAD", url, dict(headers or {}), label)
         try:
             response.read()
         except (OSError, http.client.HTTPException):
@@ -103,7 +132,7 @@ class RangedHTTPClient:
     ) -> Answer:
         """GET bytes [start, end) of ``url`` into ``into`` (exactly end - start bytes)."""
         request_headers = {"Range": f"bytes={start}-{end - 1}", **(headers or {})}
-        response, key = self._send("GET", url, request_headers, label)
+        response, key = self._request("GET", url, request_headers, label)
         answer = Answer(response.status, _lower(response.msg))
         if response.status >= 300:
             body = _read_quietly(response)
@@ -136,6 +165,15 @@ class RangedHTTPClient:
             # A close, or a body longer than asked for: start the next request afresh.
             self._drop(*key)
         return answer
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).netloc.rpartition("@")[2].lower()
+
+
+def _adds_slash(url: str, target: str) -> bool:
+    before, after = urlsplit(url), urlsplit(target)
+    return _host(url) == _host(target) and after.path == before.path.rstrip("/") + "/"
 
 
 def basic_auth(username: str, password: str | None) -> str:

@@ -26,8 +26,17 @@ PRESIGN_REUSE_SECONDS = 1800
 class S3Backend(FsspecBackend):
     def __init__(self, options: dict[str, Any], client: RangedHTTPClient) -> None:
         # Presign with SigV4: SigV2 URLs are refused by most S3 implementations now.
-        config_kwargs = {"signature_version": "s3v4", **(options.get("config_kwargs") or {})}
-        super().__init__("s3", {**options, "config_kwargs": config_kwargs})
+        # Retries are cachefs's (retry: in the config), so botocore makes one attempt.
+        config_kwargs = {
+            "signature_version": "s3v4",
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+            **(options.get("config_kwargs") or {}),
+        }
+        # A private instance: its settings must not leak into s3fs users in-process.
+        super().__init__(
+            "s3", {**options, "config_kwargs": config_kwargs, "skip_instance_cache": True}
+        )
+        self.fs.retries = 1  # s3fs's own retry loop, likewise
         self._client = client
         self._signed: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
