@@ -131,8 +131,9 @@ def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
         finally:
             conn.close()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"rclone not ready on port {port} after {READY_TIMEOUT:.0f} s:\n"
-                               f"{_log_tail(log)}")
+            raise RuntimeError(
+                f"rclone not ready on port {port} after {READY_TIMEOUT:.0f} s:\n{_log_tail(log)}"
+            )
         time.sleep(0.05)
 
 
@@ -148,19 +149,33 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def _serve(kind: str, root: Path, extra: Sequence[str], cpus: str | None,
-           log_dir: Path | None) -> Iterator[Origin]:
+def _serve(
+    kind: str, root: Path, extra: Sequence[str], cpus: str | None, log_dir: Path | None
+) -> Iterator[Origin]:
     root = Path(root).resolve()
     log_dir = Path(log_dir or root.parent)
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"rclone-{kind}.log"
     for attempt in range(3):  # The free port may be taken before rclone binds it.
         port = free_port()
-        argv = [find_rclone(), "serve", kind, str(root), "--addr", f"127.0.0.1:{port}",
-                "--config", os.devnull, *extra]
+        argv = [
+            find_rclone(),
+            "serve",
+            kind,
+            str(root),
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--config",
+            os.devnull,
+            *extra,
+        ]
         with log.open("wb") as log_file:
-            process = subprocess.Popen(pinned(argv, cpus), stdout=log_file,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                pinned(argv, cpus),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         try:
             _wait_ready(process, port, log)
         except RuntimeError:
@@ -182,16 +197,19 @@ def serve_s3(root: Path, cpus: str | None = "0", log_dir: Path | None = None) ->
     Requests must be signed with :data:`ACCESS_KEY` / :data:`SECRET_KEY`;
     :meth:`Origin.env` gives the matching environment.
     """
-    extra = ["--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
-             # Keep listings (and with them the computed ETags) for the whole run.
-             "--dir-cache-time", "24h"]
+    extra = [
+        "--auth-key",
+        f"{ACCESS_KEY},{SECRET_KEY}",
+        # Keep listings (and with them the computed ETags) for the whole run.
+        "--dir-cache-time",
+        "24h",
+    ]
     with _serve("s3", root, extra, cpus, log_dir) as origin:
         yield origin
 
 
 @contextlib.contextmanager
-def serve_http(root: Path, cpus: str | None = "0",
-               log_dir: Path | None = None) -> Iterator[Origin]:
+def serve_http(root: Path, cpus: str | None = "0", log_dir: Path | None = None) -> Iterator[Origin]:
     """``rclone serve http`` over ``root``: plain GET/HEAD with Range support."""
     with _serve("http", root, ["--dir-cache-time", "24h"], cpus, log_dir) as origin:
         yield origin
@@ -202,10 +220,14 @@ def _s3_client(origin: Origin) -> Any:
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=origin.endpoint, aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY, region_name=REGION,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                      read_timeout=300),
+        "s3",
+        endpoint_url=origin.endpoint,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name=REGION,
+        config=Config(
+            s3={"addressing_style": "path"}, retries={"max_attempts": 1}, read_timeout=300
+        ),
     )
 
 

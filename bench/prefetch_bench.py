@@ -211,7 +211,9 @@ def report(seconds, data, n):
     print(json.dumps({"seconds": seconds, "bytes": n, "xxh3": digest}))
 """
 
-WARM_DIRECT_READINTO = WARM_PRELUDE + """
+WARM_DIRECT_READINTO = (
+    WARM_PRELUDE
+    + """
 path, size = sys.argv[1], int(sys.argv[2])
 buf = bytearray(size)
 read_into(path, buf)
@@ -219,8 +221,11 @@ start = time.perf_counter()
 n = read_into(path, buf)
 report(time.perf_counter() - start, buf, n)
 """
+)
 
-WARM_DIRECT_READ = WARM_PRELUDE + """
+WARM_DIRECT_READ = (
+    WARM_PRELUDE
+    + """
 from pathlib import Path
 path = Path(sys.argv[1])
 path.read_bytes()
@@ -228,8 +233,11 @@ start = time.perf_counter()
 data = path.read_bytes()
 report(time.perf_counter() - start, data, len(data))
 """
+)
 
-WARM_CACHEFS_OPEN_LOCAL = WARM_PRELUDE + """
+WARM_CACHEFS_OPEN_LOCAL = (
+    WARM_PRELUDE
+    + """
 import fsspec
 cache_dir, url, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 fs = fsspec.filesystem("cachefs", cache_dir=cache_dir)
@@ -240,8 +248,11 @@ start = time.perf_counter()
 n = read_into(path, buf)
 report(time.perf_counter() - start, buf, n)
 """
+)
 
-WARM_CACHEFS_CAT_FILE = WARM_PRELUDE + """
+WARM_CACHEFS_CAT_FILE = (
+    WARM_PRELUDE
+    + """
 import fsspec
 cache_dir, url = sys.argv[1], sys.argv[2]
 fs = fsspec.filesystem("cachefs", cache_dir=cache_dir)
@@ -250,6 +261,7 @@ start = time.perf_counter()
 data = fs.cat_file(url)
 report(time.perf_counter() - start, data, len(data))
 """
+)
 
 
 # --- tools ------------------------------------------------------------------------
@@ -333,8 +345,7 @@ def cachefs_data_file(cache_dir: Path, stdout: str = "") -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     if not found and xdg and any(Path(xdg).glob("*/v1/objects/*/*/data")):
         hint = " (it wrote to its default cache directory: --cache-dir was ignored)"
-    raise RuntimeError(f"expected one data file under CACHE/v1/objects, found {len(found)}"
-                       + hint)
+    raise RuntimeError(f"expected one data file under CACHE/v1/objects, found {len(found)}" + hint)
 
 
 def _python(ctx: RunContext, snippet: str, *args: str) -> list[str]:
@@ -344,8 +355,16 @@ def _python(ctx: RunContext, snippet: str, *args: str) -> list[str]:
 def _s5cmd(*options: str) -> Callable[[RunContext], list[str]]:
     def argv(ctx: RunContext) -> list[str]:
         binary = find_binary("s5cmd") or "s5cmd"
-        return [binary, "--endpoint-url", ctx.origin.endpoint, "cp", *options, ctx.url,
-                str(ctx.dest_file)]
+        return [
+            binary,
+            "--endpoint-url",
+            ctx.origin.endpoint,
+            "cp",
+            *options,
+            ctx.url,
+            str(ctx.dest_file),
+        ]
+
     return argv
 
 
@@ -354,57 +373,95 @@ def _curl(ctx: RunContext) -> list[str]:
     sign = []
     if ctx.origin.kind == "s3":
         region = env["AWS_REGION"]
-        sign = ["--aws-sigv4", f"aws:amz:{region}:s3",
-                "--user", f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}"]
+        sign = [
+            "--aws-sigv4",
+            f"aws:amz:{region}:s3",
+            "--user",
+            f"{env['AWS_ACCESS_KEY_ID']}:{env['AWS_SECRET_ACCESS_KEY']}",
+        ]
     http_url = f"{ctx.origin.endpoint}/{BUCKET}/{ctx.key}"
-    return ["curl", "--silent", "--show-error", "--fail", *sign, "-o", str(ctx.dest_file),
-            http_url]
+    return ["curl", "--silent", "--show-error", "--fail", *sign, "-o", str(ctx.dest_file), http_url]
 
 
 def _cachefs_prefetch(ctx: RunContext) -> list[str]:
-    return [ctx.python, "-m", "cachefs.cli", "--cache-dir", str(ctx.dest), "prefetch", ctx.url,
-            "--json"]
+    return [
+        ctx.python,
+        "-m",
+        "cachefs.cli",
+        "--cache-dir",
+        str(ctx.dest),
+        "prefetch",
+        ctx.url,
+        "--json",
+    ]
 
 
 def _cachefs_inprocess(ctx: RunContext) -> list[str]:
     return _python(ctx, CACHEFS_INPROCESS, str(ctx.dest), ctx.url)
 
 
-INPROCESS_NOTE = ("time measured inside the process, around `get_engine(cache_dir)"
-                  ".prefetch([url])`: what a running node daemon pays. The object's stat "
-                  "(for S3 also the client's creation) is included; interpreter start, "
-                  "imports and building the engine are not.")
+INPROCESS_NOTE = (
+    "time measured inside the process, around `get_engine(cache_dir)"
+    ".prefetch([url])`: what a running node daemon pays. The object's stat "
+    "(for S3 also the client's creation) is included; interpreter start, "
+    "imports and building the engine are not."
+)
 
 
 S3, HTTP = ("s3",), ("http",)
 BOTH = ("s3", "http")
 COLD_TOOLS: tuple[ColdTool, ...] = (
     ColdTool("s5cmd", S3, _s5cmd(), binary="s5cmd"),
-    ColdTool("s5cmd -c16 -p8MiB", S3, _s5cmd("--concurrency", "16", "--part-size", "8"),
-             binary="s5cmd"),
-    ColdTool("boto3 TransferManager c16 8MiB", S3,
-             lambda ctx: _python(ctx, BOTO3_TM, BUCKET, ctx.key, str(ctx.dest_file))),
+    ColdTool(
+        "s5cmd -c16 -p8MiB", S3, _s5cmd("--concurrency", "16", "--part-size", "8"), binary="s5cmd"
+    ),
+    ColdTool(
+        "boto3 TransferManager c16 8MiB",
+        S3,
+        lambda ctx: _python(ctx, BOTO3_TM, BUCKET, ctx.key, str(ctx.dest_file)),
+    ),
     ColdTool("s3fs get_file", S3, lambda ctx: _python(ctx, S3FS_GET, ctx.url, str(ctx.dest_file))),
-    ColdTool("fsspec simplecache", BOTH,
-             lambda ctx: _python(ctx, FSSPEC_SIMPLECACHE, ctx.url, str(ctx.dest)),
-             locate=largest_file),
+    ColdTool(
+        "fsspec simplecache",
+        BOTH,
+        lambda ctx: _python(ctx, FSSPEC_SIMPLECACHE, ctx.url, str(ctx.dest)),
+        locate=largest_file,
+    ),
     ColdTool("curl", BOTH, _curl, binary="curl"),
-    ColdTool("wget", HTTP, lambda ctx: ["wget", "-q", "-O", str(ctx.dest_file), ctx.url],
-             binary="wget"),
-    ColdTool("http.client GET", HTTP,
-             lambda ctx: _python(ctx, HTTP_CLIENT_GET, ctx.url, str(ctx.dest_file))),
-    ColdTool("requests GET", HTTP,
-             lambda ctx: _python(ctx, REQUESTS_GET, ctx.url, str(ctx.dest_file))),
-    ColdTool("http.client ranges 16x8MiB", HTTP,
-             lambda ctx: _python(ctx, HTTP_RANGES, ctx.url, str(ctx.dest_file), "16",
-                                 str(8 * MiB))),
-    ColdTool("cachefs prefetch", BOTH, _cachefs_prefetch,
-             locate=lambda ctx, stdout: cachefs_data_file(ctx.dest, stdout), subject=True,
-             engine_seconds=lambda stdout: _last_json(stdout)["seconds"]),
-    ColdTool("cachefs prefetch (in-process)", BOTH, _cachefs_inprocess,
-             locate=lambda ctx, stdout: cachefs_data_file(ctx.dest, stdout), subject=True,
-             timed_inside=True, note=INPROCESS_NOTE,
-             engine_seconds=lambda stdout: _last_json(stdout)["engine_seconds"]),
+    ColdTool(
+        "wget", HTTP, lambda ctx: ["wget", "-q", "-O", str(ctx.dest_file), ctx.url], binary="wget"
+    ),
+    ColdTool(
+        "http.client GET",
+        HTTP,
+        lambda ctx: _python(ctx, HTTP_CLIENT_GET, ctx.url, str(ctx.dest_file)),
+    ),
+    ColdTool(
+        "requests GET", HTTP, lambda ctx: _python(ctx, REQUESTS_GET, ctx.url, str(ctx.dest_file))
+    ),
+    ColdTool(
+        "http.client ranges 16x8MiB",
+        HTTP,
+        lambda ctx: _python(ctx, HTTP_RANGES, ctx.url, str(ctx.dest_file), "16", str(8 * MiB)),
+    ),
+    ColdTool(
+        "cachefs prefetch",
+        BOTH,
+        _cachefs_prefetch,
+        locate=lambda ctx, stdout: cachefs_data_file(ctx.dest, stdout),
+        subject=True,
+        engine_seconds=lambda stdout: _last_json(stdout)["seconds"],
+    ),
+    ColdTool(
+        "cachefs prefetch (in-process)",
+        BOTH,
+        _cachefs_inprocess,
+        locate=lambda ctx, stdout: cachefs_data_file(ctx.dest, stdout),
+        subject=True,
+        timed_inside=True,
+        note=INPROCESS_NOTE,
+        engine_seconds=lambda stdout: _last_json(stdout)["engine_seconds"],
+    ),
 )
 
 
@@ -421,16 +478,33 @@ class WarmEntry:
 DIRECT_READINTO = "direct readinto"
 DIRECT_READ = "direct read_bytes"
 WARM_ENTRIES: tuple[WarmEntry, ...] = (
-    WarmEntry(DIRECT_READINTO, lambda py, data, _c, _u, size:
-              [py, "-c", WARM_DIRECT_READINTO, str(data), str(size)], None),
-    WarmEntry(DIRECT_READ, lambda py, data, _c, _u, _s:
-              [py, "-c", WARM_DIRECT_READ, str(data)], None),
-    WarmEntry("cachefs open_local + readinto", lambda py, _d, cache, url, size:
-              [py, "-c", WARM_CACHEFS_OPEN_LOCAL, str(cache), url, str(size)],
-              DIRECT_READINTO, subject=True),
-    WarmEntry("cachefs cat_file", lambda py, _d, cache, url, _s:
-              [py, "-c", WARM_CACHEFS_CAT_FILE, str(cache), url],
-              DIRECT_READ, subject=True),
+    WarmEntry(
+        DIRECT_READINTO,
+        lambda py, data, _c, _u, size: [py, "-c", WARM_DIRECT_READINTO, str(data), str(size)],
+        None,
+    ),
+    WarmEntry(
+        DIRECT_READ, lambda py, data, _c, _u, _s: [py, "-c", WARM_DIRECT_READ, str(data)], None
+    ),
+    WarmEntry(
+        "cachefs open_local + readinto",
+        lambda py, _d, cache, url, size: [
+            py,
+            "-c",
+            WARM_CACHEFS_OPEN_LOCAL,
+            str(cache),
+            url,
+            str(size),
+        ],
+        DIRECT_READINTO,
+        subject=True,
+    ),
+    WarmEntry(
+        "cachefs cat_file",
+        lambda py, _d, cache, url, _s: [py, "-c", WARM_CACHEFS_CAT_FILE, str(cache), url],
+        DIRECT_READ,
+        subject=True,
+    ),
 )
 
 
@@ -488,9 +562,11 @@ class CpuMeter:
             fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
             user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
             busy = (user + nice + system + irq + softirq + steal) / _HZ
-            ours = sum(getattr(resource.getrusage(who), name)
-                       for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                       for name in ("ru_utime", "ru_stime"))
+            ours = sum(
+                getattr(resource.getrusage(who), name)
+                for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                for name in ("ru_utime", "ru_stime")
+            )
             if self.server_pid:
                 stat = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1]
                 ours += (int(stat.split()[11]) + int(stat.split()[12])) / _HZ
@@ -543,16 +619,23 @@ class Machine:
         """
         if not self.prefault_bytes:
             return
-        argv = pinned([sys.executable, "-c", PREFAULT, str(self.prefault_bytes)],
-                      self.client_cpus)
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, check=False)
+        argv = pinned([sys.executable, "-c", PREFAULT, str(self.prefault_bytes)], self.client_cpus)
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
         if proc.returncode:
-            raise RuntimeError(f"pre-faulting {self.prefault_bytes} bytes failed: "
-                               f"{error_line(proc.stderr.decode(errors='replace'))}")
+            raise RuntimeError(
+                f"pre-faulting {self.prefault_bytes} bytes failed: "
+                f"{error_line(proc.stderr.decode(errors='replace'))}"
+            )
 
-    def run(self, argv: Sequence[str], env: dict[str, str], log_dir: Path,
-            timeout: float) -> Outcome:
+    def run(
+        self, argv: Sequence[str], env: dict[str, str], log_dir: Path, timeout: float
+    ) -> Outcome:
         """Run ``argv`` pinned to the client CPUs, timed from spawn to exit.
 
         Raises RuntimeError with the most telling line of its output.
@@ -563,9 +646,16 @@ class Machine:
             meter = CpuMeter(self.server_pid)
             start = time.perf_counter()
             try:
-                proc = subprocess.run(pinned(argv, self.client_cpus), env=env, cwd=REPO,
-                                      stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                      timeout=timeout, check=False)
+                proc = subprocess.run(
+                    pinned(argv, self.client_cpus),
+                    env=env,
+                    cwd=REPO,
+                    stdout=out,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    timeout=timeout,
+                    check=False,
+                )
             except subprocess.TimeoutExpired as exc:
                 raise RuntimeError(f"timed out after {timeout:.0f} s") from exc
             except OSError as exc:
@@ -609,8 +699,10 @@ class Bench:
 
     def cold(self, origin: Origin, tools: Sequence[ColdTool]) -> list[Result]:
         """Every tool, ``runs`` times, round-robin so that drift hits all alike."""
-        results = {t.name: Result(t.name, subject=t.subject, note=t.note,
-                                  timed_inside=t.timed_inside) for t in tools}
+        results = {
+            t.name: Result(t.name, subject=t.subject, note=t.note, timed_inside=t.timed_inside)
+            for t in tools
+        }
         env = client_env(origin)
         self.machine.server_pid = origin.process.pid
         for tool in tools:
@@ -629,14 +721,16 @@ class Bench:
                     result.other_load.append(outcome.other_load)
                     if tool.engine_seconds:
                         with contextlib.suppress(RuntimeError, KeyError, TypeError, ValueError):
-                            result.engine_seconds.append(
-                                float(tool.engine_seconds(outcome.stdout)))
+                            result.engine_seconds.append(float(tool.engine_seconds(outcome.stdout)))
                 except RuntimeError as exc:
                     result.error = str(exc)  # Its output and logs stay for a look.
                 else:
                     shutil.rmtree(dest, ignore_errors=True)
-                print(f"  {origin.kind:4} run {run + 1}/{self.runs} {tool.name:32} "
-                      f"{_status(result, self.size)}", flush=True)
+                print(
+                    f"  {origin.kind:4} run {run + 1}/{self.runs} {tool.name:32} "
+                    f"{_status(result, self.size)}",
+                    flush=True,
+                )
         return list(results.values())
 
     def _prepare(self, tool: ColdTool, origin: Origin, env: dict[str, str], dest: Path) -> None:
@@ -657,8 +751,9 @@ class Bench:
             shutil.rmtree(ctx.dest, ignore_errors=True)
         self.machine.prefault()  # last: the timed run starts right after it
 
-    def _cold_run(self, tool: ColdTool, ctx: RunContext, env: dict[str, str],
-                  dest: Path) -> Outcome:
+    def _cold_run(
+        self, tool: ColdTool, ctx: RunContext, env: dict[str, str], dest: Path
+    ) -> Outcome:
         shutil.rmtree(dest, ignore_errors=True)
         ctx.dest.mkdir(parents=True)
         self._prepare(tool, ctx.origin, env, dest)
@@ -681,8 +776,7 @@ class Bench:
 
     def warm(self, origin: Origin, entries: Sequence[WarmEntry]) -> tuple[list[Result], str]:
         """Prefetch once with cachefs (untimed), then time warm reads of it."""
-        results = {e.name: Result(e.name, subject=e.subject, baseline=e.baseline)
-                   for e in entries}
+        results = {e.name: Result(e.name, subject=e.subject, baseline=e.baseline) for e in entries}
         env = client_env(origin)
         self.machine.server_pid = origin.process.pid
         url = origin.url(BUCKET, KEY)
@@ -693,8 +787,9 @@ class Bench:
         prefetch_error = None
         try:
             ctx = RunContext(origin, KEY, cache_dir)
-            stdout = self.machine.run(_cachefs_prefetch(ctx), env, self.work / "warm-log",
-                                      self.timeout).stdout
+            stdout = self.machine.run(
+                _cachefs_prefetch(ctx), env, self.work / "warm-log", self.timeout
+            ).stdout
             data_file = cachefs_data_file(cache_dir, stdout)
             self.verify(data_file)
             where = "the cachefs data file"
@@ -711,18 +806,21 @@ class Bench:
                 argv = entry.argv(sys.executable, data_file, cache_dir, url, self.size)
                 try:
                     self.machine.prefault()
-                    outcome = self.machine.run(argv, env, self.work / "warm-log" / "read",
-                                               self.timeout)
+                    outcome = self.machine.run(
+                        argv, env, self.work / "warm-log" / "read", self.timeout
+                    )
                     doc = json.loads(outcome.stdout.strip().splitlines()[-1])
                     if doc["bytes"] != self.size or doc["xxh3"] != self.digest:
-                        raise RuntimeError(f"read {doc['bytes']} bytes that differ from the "
-                                           "source")
+                        raise RuntimeError(f"read {doc['bytes']} bytes that differ from the source")
                     result.seconds.append(float(doc["seconds"]))
                     result.other_load.append(outcome.other_load)
                 except (RuntimeError, ValueError, KeyError, IndexError) as exc:
                     result.error = str(exc)
-                print(f"  warm run {run + 1}/{self.runs} {entry.name:32} "
-                      f"{_status(result, self.size)}", flush=True)
+                print(
+                    f"  warm run {run + 1}/{self.runs} {entry.name:32} "
+                    f"{_status(result, self.size)}",
+                    flush=True,
+                )
         return list(results.values()), where
 
 
@@ -755,16 +853,22 @@ def wait_for_quiet(threshold: float, timeout: float) -> bool:
     if load < threshold:
         print(f"1-minute load average {load:.2f} < {threshold}: starting", flush=True)
         return True
-    print(f"waiting up to {timeout:.0f} s for the 1-minute load average ({load:.2f}) to fall "
-          f"below {threshold} (other jobs would disturb the timings)", flush=True)
+    print(
+        f"waiting up to {timeout:.0f} s for the 1-minute load average ({load:.2f}) to fall "
+        f"below {threshold} (other jobs would disturb the timings)",
+        flush=True,
+    )
     while time.monotonic() < deadline:
         time.sleep(LOAD_POLL_S)
         load = os.getloadavg()[0]
         print(f"  load average {load:.2f}", flush=True)
         if load < threshold:
             return True
-    print(f"load average still {load:.2f} after {timeout:.0f} s: going on; see the "
-          "max other load column", flush=True)
+    print(
+        f"load average still {load:.2f} after {timeout:.0f} s: going on; see the "
+        "max other load column",
+        flush=True,
+    )
     return False
 
 
@@ -775,10 +879,15 @@ def _slug(name: str) -> str:
 def _status(result: Result, size: int) -> str:
     if result.error:
         return f"error: {result.error}"
-    engine = (f"  (engine {result.engine_seconds[-1]:.3f} s)"
-              if len(result.engine_seconds) == len(result.seconds) else "")
-    return (f"{result.seconds[-1]:.3f} s  {size / 1e6 / result.seconds[-1]:6.0f} MB/s  "
-            f"other load {result.other_load[-1]:.2f}{engine}")
+    engine = (
+        f"  (engine {result.engine_seconds[-1]:.3f} s)"
+        if len(result.engine_seconds) == len(result.seconds)
+        else ""
+    )
+    return (
+        f"{result.seconds[-1]:.3f} s  {size / 1e6 / result.seconds[-1]:6.0f} MB/s  "
+        f"other load {result.other_load[-1]:.2f}{engine}"
+    )
 
 
 # --- report -----------------------------------------------------------------------
@@ -800,8 +909,10 @@ def _load_warning(results: Sequence[Result]) -> list[str]:
     loads = [x for r in results for x in r.other_load if x == x]
     if not loads or max(loads) <= NOISY_LOAD:
         return []
-    return [f"Warning: other processes kept up to {max(loads):.2f} CPUs busy during some "
-            "runs; those numbers are disturbed."]
+    return [
+        f"Warning: other processes kept up to {max(loads):.2f} CPUs busy during some "
+        "runs; those numbers are disturbed."
+    ]
 
 
 def cold_table(title: str, results: Sequence[Result], size: int) -> str:
@@ -809,9 +920,12 @@ def cold_table(title: str, results: Sequence[Result], size: int) -> str:
     ok_others = [r for r in results if not r.error and not r.subject and r.seconds]
     fastest = max(ok_others, key=lambda r: statistics.median(r.mbps(size)), default=None)
     top = statistics.median(fastest.mbps(size)) if fastest else None
-    lines = [f"### {title}", "",
-             "| tool | median s | median MB/s | best MB/s | vs fastest other | max other load |",
-             "|---|--:|--:|--:|--:|--:|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| tool | median s | median MB/s | best MB/s | vs fastest other | max other load |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
     notes = list(dict.fromkeys(r.note for r in results if r.note))
     marks = {note: "\u00b9\u00b2\u00b3\u2074\u2075"[i] for i, note in enumerate(notes[:5])}
     for r in results:
@@ -823,8 +937,10 @@ def cold_table(title: str, results: Sequence[Result], size: int) -> str:
             continue
         med = statistics.median(r.mbps(size))
         ratio = f"{med / top:.2f}x" if top else "-"
-        lines.append(f"| {name} | {statistics.median(r.seconds):.3f} | {med:.0f} | "
-                     f"{max(r.mbps(size)):.0f} | {ratio} | {_max_load(r)} |")
+        lines.append(
+            f"| {name} | {statistics.median(r.seconds):.3f} | {med:.0f} | "
+            f"{max(r.mbps(size)):.0f} | {ratio} | {_max_load(r)} |"
+        )
     lines.append("")
     lines.extend(f"{mark} {note}" for note, mark in marks.items())
     if marks:
@@ -837,20 +953,28 @@ def cold_table(title: str, results: Sequence[Result], size: int) -> str:
             continue
         ratio = statistics.median(r.mbps(size)) / top
         verdict = "met" if ratio >= COLD_TARGET else "NOT met"
-        lines.append(f"{r.name}: {ratio:.2f}x the fastest other tool ({fastest.name}); "
-                     f"target >= {COLD_TARGET}x: {verdict}.")
+        lines.append(
+            f"{r.name}: {ratio:.2f}x the fastest other tool ({fastest.name}); "
+            f"target >= {COLD_TARGET}x: {verdict}."
+        )
     parts = []
     for r in results:
         if not r.subject or r.error or not r.seconds or len(r.engine_seconds) != len(r.seconds):
             continue
         rest = statistics.median(a - b for a, b in zip(r.seconds, r.engine_seconds, strict=True))
         what = "stat" if r.timed_inside else "start-up, stat and exit"
-        parts.append(f"{r.name}: engine {statistics.median(r.engine_seconds):.3f} s, "
-                     f"{what} {rest:.3f} s")
+        parts.append(
+            f"{r.name}: engine {statistics.median(r.engine_seconds):.3f} s, {what} {rest:.3f} s"
+        )
     if parts:
-        lines.extend(["", "Where the cachefs time goes (medians over the runs; engine: its own "
-                      "count from the end of the stat to the last byte; the rest: the time in "
-                      "the table less the engine's): " + "; ".join(parts) + "."])
+        lines.extend(
+            [
+                "",
+                "Where the cachefs time goes (medians over the runs; engine: its own "
+                "count from the end of the stat to the last byte; the rest: the time in "
+                "the table less the engine's): " + "; ".join(parts) + ".",
+            ]
+        )
     lines.extend(_load_warning(results))
     return "\n".join(lines) + "\n"
 
@@ -858,17 +982,19 @@ def cold_table(title: str, results: Sequence[Result], size: int) -> str:
 def warm_table(title: str, results: Sequence[Result], size: int) -> str:
     """Markdown table of warm reads; each cachefs entry against its baseline."""
     by_name = {r.name: r for r in results}
-    lines = [f"### {title}", "",
-             "| read | median s | median GB/s | best GB/s | vs baseline | max other load |",
-             "|---|--:|--:|--:|--:|--:|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| read | median s | median GB/s | best GB/s | vs baseline | max other load |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
     verdicts = []
     for r in results:
         name = f"**{r.name}**" if r.subject else r.name
         if r.error or not r.seconds:
             lines.append(f"| {name} | {_cell('error: ' + (r.error or 'no runs'))} | | | | |")
             if r.subject:
-                verdicts.append(f"{r.name}: no result; target >= {WARM_TARGET}x "
-                                f"{r.baseline}.")
+                verdicts.append(f"{r.name}: no result; target >= {WARM_TARGET}x {r.baseline}.")
             continue
         med = statistics.median(r.mbps(size)) / 1000
         ratio_cell = "-"
@@ -878,10 +1004,13 @@ def warm_table(title: str, results: Sequence[Result], size: int) -> str:
             ratio_cell = f"{ratio:.2f}x {base.name}"
             if r.subject:
                 verdict = "met" if ratio >= WARM_TARGET else "NOT met"
-                verdicts.append(f"{r.name}: {ratio:.2f}x {base.name}; "
-                                f"target >= {WARM_TARGET}x: {verdict}.")
-        lines.append(f"| {name} | {statistics.median(r.seconds):.3f} | {med:.2f} | "
-                     f"{max(r.mbps(size)) / 1000:.2f} | {ratio_cell} | {_max_load(r)} |")
+                verdicts.append(
+                    f"{r.name}: {ratio:.2f}x {base.name}; target >= {WARM_TARGET}x: {verdict}."
+                )
+        lines.append(
+            f"| {name} | {statistics.median(r.seconds):.3f} | {med:.2f} | "
+            f"{max(r.mbps(size)) / 1000:.2f} | {ratio_cell} | {_max_load(r)} |"
+        )
     return "\n".join([*lines, "", *verdicts, *_load_warning(results)]) + "\n"
 
 
@@ -893,14 +1022,21 @@ def plot(path: Path, sections: Sequence[tuple[str, Sequence[Result], str]], size
     import matplotlib.pyplot as plt
 
     heights = [max(len(results), 1) * 0.45 + 1.0 for _, results, _ in sections]
-    fig, axes = plt.subplots(len(sections), 1, figsize=(9, sum(heights)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig, axes = plt.subplots(
+        len(sections),
+        1,
+        figsize=(9, sum(heights)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
     for ax, (title, results, unit) in zip(axes[:, 0], sections, strict=True):
         scale = 1000 if unit == "GB/s" else 1
         names = [r.name for r in results][::-1]
         ordered = list(results)[::-1]
-        medians = [statistics.median(r.mbps(size)) / scale if r.seconds and not r.error else 0
-                   for r in ordered]
+        medians = [
+            statistics.median(r.mbps(size)) / scale if r.seconds and not r.error else 0
+            for r in ordered
+        ]
         colors = ["tab:orange" if r.subject else "tab:blue" for r in ordered]
         bars = ax.barh(names, medians, color=colors)
         for bar, r in zip(bars, ordered, strict=True):
@@ -910,8 +1046,13 @@ def plot(path: Path, sections: Sequence[tuple[str, Sequence[Result], str]], size
                 continue
             best = max(r.mbps(size)) / scale
             ax.plot([best, best], [bar.get_y(), bar.get_y() + bar.get_height()], color="black")
-            ax.text(max(best, bar.get_width()), y,
-                    f" {bar.get_width():.{2 if scale > 1 else 0}f}", va="center", fontsize=8)
+            ax.text(
+                max(best, bar.get_width()),
+                y,
+                f" {bar.get_width():.{2 if scale > 1 else 0}f}",
+                va="center",
+                fontsize=8,
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(f"median {unit} (tick: best run)")
         ax.margins(x=0.15)
@@ -925,8 +1066,16 @@ def plot(path: Path, sections: Sequence[tuple[str, Sequence[Result], str]], size
 
 def parse_size(text: str) -> int:
     """``1GiB``, ``256MiB``, ``500MB`` or a byte count."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+    }
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).lower() not in units:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GiB, 256MiB)")
@@ -936,8 +1085,10 @@ def parse_size(text: str) -> int:
 def _prefault_text(nbytes: int) -> str:
     if not nbytes:
         return "memory not pre-faulted"
-    return (f"{_human(nbytes)} of memory touched and freed by a child process right before "
-            "each timed run")
+    return (
+        f"{_human(nbytes)} of memory touched and freed by a child process right before "
+        "each timed run"
+    )
 
 
 def _human(size: int) -> str:
@@ -952,43 +1103,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_names = [e.name for e in WARM_ENTRIES]
     parser = argparse.ArgumentParser(
         description="Cold prefetch and warm read: cachefs against the usual download tools.",
-        epilog="Tools: " + "; ".join(cold_names + warm_names))
-    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"),
-                        help="object size (default 1GiB)")
+        epilog="Tools: " + "; ".join(cold_names + warm_names),
+    )
+    parser.add_argument(
+        "--size", type=parse_size, default=parse_size("1GiB"), help="object size (default 1GiB)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs per tool (default 3)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out",
-                        help="where prefetch.md/.png/.json go (default bench/out)")
-    parser.add_argument("--tools", nargs="+", metavar="NAME",
-                        help="only these tools (names or case-insensitive substrings)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "out",
+        help="where prefetch.md/.png/.json go (default bench/out)",
+    )
+    parser.add_argument(
+        "--tools",
+        nargs="+",
+        metavar="NAME",
+        help="only these tools (names or case-insensitive substrings)",
+    )
     parser.add_argument("--origins", nargs="+", choices=["s3", "http"], default=["s3", "http"])
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-read section")
-    parser.add_argument("--work", type=Path,
-                        help="scratch directory (source object, downloads); default: a "
-                             "temporary directory, removed at the end")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="scratch directory (source object, downloads); default: a "
+        "temporary directory, removed at the end",
+    )
     parser.add_argument("--server-cpus", default="0", help="taskset CPU list for the origin")
     parser.add_argument("--client-cpus", default="1", help="taskset CPU list for the clients")
-    parser.add_argument("--cold-origin", action="store_true",
-                        help="leave the source object out of the page cache too, so the "
-                             "origin reads it from disk (default: re-read it after each drop)")
-    parser.add_argument("--cold-tools", action="store_true",
-                        help="skip the untimed fetch of a tiny object by each tool after each "
-                             "drop, so loading its code from disk counts")
-    parser.add_argument("--no-prefault", action="store_true",
-                        help="do not touch and free memory right before each timed run")
-    parser.add_argument("--load-wait", type=float, default=600,
-                        help=f"seconds to wait at the start for the 1-minute load average to "
-                             f"fall below {QUIET_LOAD} (default 600; 0: do not wait)")
-    parser.add_argument("--plot", type=Path, default=REPO / "bench" / "prefetch.png",
-                        help="where the plot goes (default bench/prefetch.png, next to "
-                             "RESULTS.md)")
+    parser.add_argument(
+        "--cold-origin",
+        action="store_true",
+        help="leave the source object out of the page cache too, so the "
+        "origin reads it from disk (default: re-read it after each drop)",
+    )
+    parser.add_argument(
+        "--cold-tools",
+        action="store_true",
+        help="skip the untimed fetch of a tiny object by each tool after each "
+        "drop, so loading its code from disk counts",
+    )
+    parser.add_argument(
+        "--no-prefault",
+        action="store_true",
+        help="do not touch and free memory right before each timed run",
+    )
+    parser.add_argument(
+        "--load-wait",
+        type=float,
+        default=600,
+        help=f"seconds to wait at the start for the 1-minute load average to "
+        f"fall below {QUIET_LOAD} (default 600; 0: do not wait)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=REPO / "bench" / "prefetch.png",
+        help="where the plot goes (default bench/prefetch.png, next to RESULTS.md)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per command")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
 
     def wanted(name: str) -> bool:
-        return not args.tools or any(t.lower() == name.lower() or t.lower() in name.lower()
-                                     for t in args.tools)
+        return not args.tools or any(
+            t.lower() == name.lower() or t.lower() in name.lower() for t in args.tools
+        )
 
     if shutil.which("taskset") is None:
         parser.error("taskset not found (util-linux); it pins origin and client to CPUs")
@@ -1017,20 +1198,32 @@ def _run(args: argparse.Namespace, work: Path, wanted: Callable[[str], bool]) ->
         wait_for_quiet(QUIET_LOAD, args.load_wait)
     prefault_bytes = 0 if args.no_prefault else int(args.size * PREFAULT_FACTOR)
     machine = Machine(args.client_cpus, prefault_bytes)
-    bench = Bench(machine, work, source, args.size, digest, args.runs, args.timeout,
-                  warm_origin=not args.cold_origin, warm_tools=not args.cold_tools)
+    bench = Bench(
+        machine,
+        work,
+        source,
+        args.size,
+        digest,
+        args.runs,
+        args.timeout,
+        warm_origin=not args.cold_origin,
+        warm_tools=not args.cold_tools,
+    )
     servers = {"s3": serve_s3, "http": serve_http}
-    method = "; ".join([
-        f"{args.runs} run(s), round robin",
-        f"origin on CPUs {args.server_cpus} serving from "
-        + ("disk" if args.cold_origin else "memory"),
-        f"client on CPUs {args.client_cpus}",
-        "page cache " + ("dropped" if machine.can_drop else "NOT dropped (no permission)")
-        + " before each run",
-        "tool code cold" if args.cold_tools else "tool code warmed by fetching a tiny object",
-        _prefault_text(prefault_bytes),
-        "verified by size and xxh3-128",
-    ])
+    method = "; ".join(
+        [
+            f"{args.runs} run(s), round robin",
+            f"origin on CPUs {args.server_cpus} serving from "
+            + ("disk" if args.cold_origin else "memory"),
+            f"client on CPUs {args.client_cpus}",
+            "page cache "
+            + ("dropped" if machine.can_drop else "NOT dropped (no permission)")
+            + " before each run",
+            "tool code cold" if args.cold_tools else "tool code warmed by fetching a tiny object",
+            _prefault_text(prefault_bytes),
+            "verified by size and xxh3-128",
+        ]
+    )
     sections: list[tuple[str, list[Result], str]] = []
     markdown: list[str] = []
     warm_markdown, warm_section = "", None
@@ -1051,17 +1244,18 @@ def _run(args: argparse.Namespace, work: Path, wanted: Callable[[str], bool]) ->
             if tools:
                 results = bench.cold(origin, tools)
                 title = f"Cold prefetch, {kind} origin ({_human(args.size)})"
-                markdown.append(cold_table(title, results, args.size)
-                                + f"\n{method}.\n")
+                markdown.append(cold_table(title, results, args.size) + f"\n{method}.\n")
                 sections.append((title, results, "MB/s"))
                 print("\n" + markdown[-1], flush=True)
             if do_warm:
                 results, where = bench.warm(origin, warm_entries)
                 title = f"Warm read of the cached object ({_human(args.size)})"
-                note = (f"{args.runs} run(s), each a fresh process on CPUs {args.client_cpus}; "
-                        f"page cache warm (one untimed read first); only the read is timed; "
-                        f"{_prefault_text(prefault_bytes)}; "
-                        f"direct reads use {where}; verified by xxh3-128.")
+                note = (
+                    f"{args.runs} run(s), each a fresh process on CPUs {args.client_cpus}; "
+                    f"page cache warm (one untimed read first); only the read is timed; "
+                    f"{_prefault_text(prefault_bytes)}; "
+                    f"direct reads use {where}; verified by xxh3-128."
+                )
                 warm_markdown = warm_table(title, results, args.size) + f"\n{note}\n"
                 warm_section = (title, results, "GB/s")
                 print("\n" + warm_markdown, flush=True)
@@ -1072,12 +1266,22 @@ def _run(args: argparse.Namespace, work: Path, wanted: Callable[[str], bool]) ->
         print("nothing selected", file=sys.stderr)
         return 2
     (args.out / "prefetch.md").write_text("\n".join(markdown))
-    (args.out / "prefetch.json").write_text(json.dumps(
-        {"size": args.size, "runs": args.runs, "cold_origin": args.cold_origin,
-         "cold_tools": args.cold_tools,
-         "page_cache_dropped": machine.can_drop, "prefault_bytes": prefault_bytes,
-         "sections": [{"title": t, "results": [r.__dict__ for r in rs]}
-                      for t, rs, _ in sections]}, indent=2))
+    (args.out / "prefetch.json").write_text(
+        json.dumps(
+            {
+                "size": args.size,
+                "runs": args.runs,
+                "cold_origin": args.cold_origin,
+                "cold_tools": args.cold_tools,
+                "page_cache_dropped": machine.can_drop,
+                "prefault_bytes": prefault_bytes,
+                "sections": [
+                    {"title": t, "results": [r.__dict__ for r in rs]} for t, rs, _ in sections
+                ],
+            },
+            indent=2,
+        )
+    )
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(args.plot, sections, args.size)
     print(f"wrote {args.out / 'prefetch.md'}, {args.out / 'prefetch.json'}, {args.plot}")
