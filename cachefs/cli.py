@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", help="root of the default disk tier (CACHEFS_CACHE_DIR)")
     common.add_argument("--config", help="YAML config file (CACHEFS_CONFIG)")
     common.add_argument("--json", action="store_true", help="print JSON lines")
+    common.add_argument("-v", "--verbose", action="store_true", help="log what the cache does")
 
     parser = argparse.ArgumentParser(
         prog="cachefs",
@@ -241,9 +243,19 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name, default in (("cache_dir", None), ("config", None), ("json", False)):
+    for name, default in (
+        ("cache_dir", None),
+        ("config", None),
+        ("json", False),
+        ("verbose", False),
+    ):
         args.__dict__.setdefault(name, default)
     out, err = sys.stdout, sys.stderr
+    logging.basicConfig(
+        stream=err,
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="cachefs: %(levelname)s: %(message)s",
+    )
     try:
         if args.command == "prefetch":
             return _prefetch(args, out, err)

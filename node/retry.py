@@ -51,10 +51,9 @@ def call_with_retries(
                     f"(last: {exc}); check that it is reachable, or retry later"
                 ) from exc
             delay = backoff_delay(attempt, policy)
-            log.warning(
-                "%s: %s; retry %d of %d in %.2fs",
-                label,
-                exc,
+            log.info(
+                "%s; retry %d of %d in %.2fs",
+                exc if label in str(exc) else f"{label}: {exc}",
                 attempt + 1,
                 policy.attempts - 1,
                 delay,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import socket
 import ssl
 import threading
 from base64 import b64encode
@@ -80,8 +81,13 @@ class RangedHTTPClient:
                 )
                 if attempt == 0 and stale:
                     continue
+                reason = (
+                    "cannot resolve its host name"
+                    if isinstance(exc, socket.gaierror)
+                    else type(exc).__name__
+                )
                 raise TransientOriginError(
-                    f"{label}: connection to the origin failed ({type(exc).__name__})"
+                    f"{label}: connection to the origin failed ({reason})"
                 ) from None
         raise AssertionError("unreachable")
 
