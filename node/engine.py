@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.block_writer import BlockWriter
 from node.config import Config
 from node.errors import IntegrityError, QuotaExceededError, VersionChangedError
 from node.layout import ObjectHeader
 from node.origins import ObjectRef, Origin
+from node.sinks import BufferSink
 from node.stats import EngineStats
 from node.store import CachedObject, Store
 from node.units import format_size
@@ -91,7 +93,6 @@ class Engine:
         self._flights_lock = threading.Lock()
         self._stat_cache: dict[str, tuple[float, ObjectRef]] = {}
         self._read_ends: OrderedDict[str, int] = OrderedDict()
-        self._buffers = threading.local()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -258,7 +259,7 @@ class Engine:
                     del self._flights[(ref.id, index)]
 
     def _fill(self, ref: ObjectRef, obj: CachedObject | None, index: int) -> bytes | None:
-        """Fetch one block from the origin and store it.
+        """Fetch one block from the origin, streaming it into the store.
 
         Returns None when the block is now in the store, or the bytes themselves
         when it could not be cached (no room): they are served without caching.
@@ -267,31 +268,26 @@ class Engine:
             return None
         header = obj.header if obj else self.header(ref)
         start, end = header.block_span(index)
-        view = self._scratch(header.block_size)[: end - start]
+        writer = self.store.block_writer(obj, index) if obj is not None else None
+        sink: BlockWriter | BufferSink = writer if writer is not None else BufferSink(end - start)
         try:
-            self.origin.read(ref, start, end, view)
-        except VersionChangedError:
-            self._forget_stat(ref)  # so opening it again sees the new version
+            self.origin.read(ref, start, end, sink)
+        except BaseException as exc:
+            if writer is not None:
+                writer.close()
+            if isinstance(exc, VersionChangedError):
+                self._forget_stat(ref)  # so opening it again sees the new version
             raise
         self.stats.fetched(end - start)
-        for _attempt in range(_MAX_ATTEMPTS):
-            if obj is None:
-                break
-            with self.store.in_use(obj):
-                if not obj.retired and self.store.write_block(obj, index, view):
-                    return None
-            if not obj.retired:
-                break  # no room
-            obj = self.store.place(header, obj.tier.name)  # evicted since placed: again
+        data = writer.commit() if writer is not None else sink.buffer  # type: ignore[union-attr]
+        if data is None:
+            return None
+        if obj is not None and obj.retired:  # evicted while it filled: store it again
+            again = self.store.place(header, obj.tier.name)
+            if again is not None and self.store.write_block(again, index, memoryview(data)):
+                return None
         self.stats.uncached(end - start)
-        return bytes(view)
-
-    def _scratch(self, size: int) -> memoryview:
-        buffer = getattr(self._buffers, "block", None)
-        if buffer is None or len(buffer) < size:
-            buffer = bytearray(size)
-            self._buffers.block = buffer
-        return memoryview(buffer)
+        return bytes(data)
 
     def _note_sequential(
         self, ref: ObjectRef, start: int, end: int, obj: CachedObject | None

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -29,9 +28,10 @@ from pathlib import Path
 import xxhash
 
 from node import layout
+from node.block_writer import BlockWriter
 from node.config import TierConfig, default_quota
 from node.errors import CacheDirError, QuotaExceededError
-from node.faults import crash_point, should_crash
+from node.faults import crash_point
 from node.layout import ObjectHeader
 from node.units import format_size
 
@@ -410,7 +410,7 @@ class Store:
         theirs: same id means same URL and version, so the same bytes.
         """
         placeholder = CachedObject(header=header, tier=tier)
-        if not self._reserve(tier, layout.PAGE, protect=placeholder):
+        if not self.reserve(tier, layout.PAGE, protect=placeholder):
             return None
         final = placeholder.directory
         staging = final.parent / f".new-{header.id}-{uuid.uuid4().hex[:8]}"
@@ -434,7 +434,7 @@ class Store:
                 shutil.rmtree(staging, ignore_errors=True)
                 return self._adopt(tier, final)
         except OSError as exc:
-            self._unreserve(tier, layout.PAGE)
+            self.unreserve(tier, layout.PAGE)
             shutil.rmtree(staging, ignore_errors=True)
             if exc.errno in _NO_SPACE:  # the disk is full below the quota: evict, retry
                 with self._lock:
@@ -451,7 +451,7 @@ class Store:
 
     def _adopt(self, tier: Tier, directory: Path) -> CachedObject | None:
         """Index an object directory another process created."""
-        self._unreserve(tier, layout.PAGE)
+        self.unreserve(tier, layout.PAGE)
         obj = self._load_object(tier, directory)
         if obj is None:
             return None
@@ -461,7 +461,7 @@ class Store:
             self._enforce_quota(tier)
         return None if obj.retired else obj
 
-    def _forget(self, obj: CachedObject) -> None:
+    def forget(self, obj: CachedObject) -> None:
         """Drop ``obj`` from the index only: its file was replaced by another process."""
         with self._lock:
             if obj.tier.objects.get(obj.id) is obj:
@@ -471,7 +471,7 @@ class Store:
 
     # -- space -------------------------------------------------------------------
 
-    def _reserve(self, tier: Tier, amount: int, protect: CachedObject) -> bool:
+    def reserve(self, tier: Tier, amount: int, protect: CachedObject) -> bool:
         """Reserve ``amount`` bytes in ``tier``, evicting LRU unpinned objects if needed.
 
         When every evictable object is busy (being read or filled), wait for one to
@@ -564,63 +564,54 @@ class Store:
                 obj.users -= 1
                 self._room.notify_all()
 
-    def write_block(self, obj: CachedObject, index: int, data: memoryview) -> bool:
-        """Write and record one block. False means it was not cached (no room, retired).
+    def block_writer(self, obj: CachedObject, index: int) -> BlockWriter | None:
+        """A sink that streams block ``index`` into ``obj``'s file; None if no room.
 
         Order: reserve space, write bytes, then append the checksum record. A crash
         between the two leaves bytes that no record vouches for: they are refetched.
         """
-        start, end = obj.header.block_span(index)
-        if len(data) != end - start:
-            raise ValueError(
-                f"block {index} of {obj.header.url}: {len(data)} bytes, want {end - start}"
-            )
         charge = _block_charge(obj.header, index)
-        checksum = xxhash.xxh3_64_intdigest(data)
-        for _attempt in range(3):
-            if obj.retired or index in obj.present:
-                return not obj.retired
-            if not self._reserve(obj.tier, charge, protect=obj):
-                return False
-            try:
-                with obj.lock.shared():
-                    if obj.retired:
-                        self._unreserve(obj.tier, charge)
-                        return False
-                    if not _pwrite_all(obj.data_path, data, start, obj.inode):
-                        self._unreserve(obj.tier, charge)
-                        self._forget(obj)
-                        return False
-                    crash_point("after-data-write")
-                    record = layout.encode_block(index, checksum)
-                    crash_point("before-checksum-record")
-                    # One append at a time: each record is one write, whole or absent.
-                    with obj.append_lock, open(obj.meta_path, "ab") as meta:
-                        if should_crash("torn-checksum-record"):  # this record only
-                            meta.write(record[: len(record) // 2])
-                            meta.flush()
-                            os.kill(os.getpid(), signal.SIGKILL)
-                        meta.write(record)
-                    with self._lock:
-                        obj.tier.reserved -= charge
-                        obj.tier.used += charge
-                        obj.charged += charge
-                        obj.present[index] = checksum
-                        obj.verified.add(index)
-                        obj.last_used = time.time()
-                    return True
-            except OSError as exc:
-                self._unreserve(obj.tier, charge)
-                if exc.errno not in _NO_SPACE:
-                    raise
-                with self._lock:  # free at least this block's pages, then retry
-                    goal = obj.tier.used - charge
-                    while obj.tier.used > goal:
-                        if not self._evict_one(obj.tier, protect=obj):
-                            return False
-        return False
+        if obj.retired or not self.reserve(obj.tier, charge, protect=obj):
+            return None
+        try:
+            return BlockWriter(self, obj, index, charge)
+        except FileNotFoundError:  # evicted by another process on this cache directory
+            self.unreserve(obj.tier, charge)
+            self.forget(obj)
+            return None
 
-    def _unreserve(self, tier: Tier, amount: int) -> None:
+    def write_block(self, obj: CachedObject, index: int, data: memoryview) -> bool:
+        """Write and record one block held in memory. False: not cached (no room)."""
+        writer = self.block_writer(obj, index)
+        if writer is None:
+            return False
+        try:
+            writer.begin()
+            writer.write(data)
+        except BaseException:
+            writer.close()
+            raise
+        return writer.commit() is None
+
+    def make_room(self, tier: Tier, amount: int, protect: CachedObject) -> bool:
+        """After ENOSPC: evict until ``amount`` bytes are freed; False if it cannot."""
+        with self._lock:
+            goal = tier.used - amount
+            while tier.used > goal:
+                if not self._evict_one(tier, protect=protect):
+                    return False
+            return True
+
+    def note_recorded(self, obj: CachedObject, index: int, checksum: int, charge: int) -> None:
+        """A block's record is on disk: its reserved space becomes used."""
+        with self._lock:
+            obj.tier.reserved -= charge
+            obj.tier.used += charge
+            obj.charged += charge
+            obj.present[index] = checksum
+            obj.verified.add(index)
+
+    def unreserve(self, tier: Tier, amount: int) -> None:
         with self._room:
             tier.reserved -= amount
             self._room.notify_all()
@@ -646,7 +637,7 @@ class Store:
             elif ok:
                 ok = False
         if ok is None:
-            self._forget(obj)
+            self.forget(obj)
             return False
         if not ok:
             self.discard(obj, [index])
@@ -659,11 +650,11 @@ class Store:
         try:
             fd = os.open(obj.data_path, os.O_RDONLY)
         except OSError:
-            self._forget(obj)
+            self.forget(obj)
             return None
         try:
             if os.fstat(fd).st_ino != obj.inode:
-                self._forget(obj)
+                self.forget(obj)
                 return None
             data = os.pread(fd, end - start, start)
         finally:
@@ -682,7 +673,7 @@ class Store:
             view = memoryview(buffer)[: end - start]
             ok = _pread_exact(obj.data_path, view, start, obj.inode)
             if ok is None:
-                self._forget(obj)
+                self.forget(obj)
                 return sorted(obj.present)
             if ok and xxhash.xxh3_64_intdigest(view) == checksum:
                 obj.verified.add(index)
@@ -732,7 +723,7 @@ class Store:
         """
         keep = {i: c for i, c in obj.present.items() if i not in bad}
         charge = layout.PAGE + sum(_block_charge(obj.header, i) for i in keep)
-        if not self._reserve(obj.tier, charge, protect=obj):
+        if not self.reserve(obj.tier, charge, protect=obj):
             return False
         final = obj.directory
         staging = final.parent / f".new-{obj.id}-{uuid.uuid4().hex[:8]}"
@@ -752,7 +743,7 @@ class Store:
                 os.rename(staging, final)
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)
-                self._unreserve(obj.tier, charge)
+                self.unreserve(obj.tier, charge)
                 return False
             inode = (final / "data").stat().st_ino
         with self._lock:

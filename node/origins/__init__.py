@@ -1,7 +1,7 @@
 """Origins: where bytes live. One facade over per-protocol backends.
 
-``Origin.stat`` pins an object to a version; ``Origin.read`` fetches a byte range of
-that version into a buffer, retrying transient failures with backoff and jitter.
+``Origin.stat`` pins an object to a version; ``Origin.read`` streams a byte range of
+that version to a sink, retrying transient failures with backoff and jitter.
 Storage options come from the config (per URL prefix) and, in embedded mode, from
 the caller; they choose credentials, never cache keys.
 """
@@ -19,6 +19,7 @@ from node.config import Config
 from node.origins.ranged_http import RangedHTTPClient
 from node.origins.ref import ObjectRef
 from node.retry import call_with_retries
+from node.sinks import Sink
 from node.urls import OriginURL, parse_url
 
 __all__ = ["ObjectRef", "Origin"]
@@ -27,7 +28,7 @@ __all__ = ["ObjectRef", "Origin"]
 class Backend(Protocol):
     def stat(self, url: OriginURL) -> ObjectRef: ...
     def list(self, url: OriginURL) -> list[ObjectRef]: ...
-    def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None: ...
+    def read(self, ref: ObjectRef, start: int, end: int, sink: Sink) -> None: ...
 
 
 class Origin:
@@ -113,11 +114,19 @@ class Origin:
             )
         return refs
 
-    def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None:
-        """Bytes [start, end) of ``ref``'s pinned version into ``into``."""
-        self._timed(
-            "read", ref.canonical, lambda: self.backend(ref.url).read(ref, start, end, into)
-        )
+    def read(self, ref: ObjectRef, start: int, end: int, sink: Sink) -> None:
+        """Bytes [start, end) of ``ref``'s pinned version, streamed to ``sink``.
+
+        Every attempt starts the sink again (``begin``), so a retry never leaves a
+        partial first try behind.
+        """
+        backend = self.backend(ref.url)
+
+        def attempt() -> None:
+            sink.begin()
+            backend.read(ref, start, end, sink)
+
+        self._timed("read", ref.canonical, attempt)
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
         backend = self.backend(url)

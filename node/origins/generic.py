@@ -14,6 +14,7 @@ import fsspec
 
 from node.errors import TransientOriginError, VersionChangedError
 from node.origins.ref import ObjectRef, version_from_info
+from node.sinks import Sink
 from node.urls import OriginURL
 
 # errno values backends (s3fs's error table among them) use for answers worth retrying.
@@ -66,14 +67,14 @@ class FsspecBackend:
         self.fs.invalidate_cache(url.path)
         return self.fs.ls(url.path, detail=True)
 
-    def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None:
+    def read(self, ref: ObjectRef, start: int, end: int, sink: Sink) -> None:
         data = self.fs.cat_file(ref.url.path, start=start, end=end)
         if len(data) != end - start:
             self._check_version(ref)
             raise OSError(
                 errno.EIO, f"{ref.url}: the origin returned {len(data)} of {end - start} bytes"
             )
-        into[: end - start] = data
+        sink.write(memoryview(data))
         self._check_version(ref)
 
     def _check_version(self, ref: ObjectRef) -> None:

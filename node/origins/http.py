@@ -17,6 +17,7 @@ from node.errors import VersionChangedError
 from node.origins.errors import error_for_status
 from node.origins.ranged_http import Answer, RangedHTTPClient, basic_auth
 from node.origins.ref import ObjectRef
+from node.sinks import BufferSink, Sink
 from node.urls import OriginURL, parse_url
 
 
@@ -31,7 +32,7 @@ class HTTPBackend:
         answer = self._client.head(url.fetch_url, label=url.canonical, headers=self._headers)
         if answer.status == 405:  # HEAD not allowed: ask for the first byte instead
             answer = self._client.get_range(
-                url.fetch_url, 0, 1, memoryview(bytearray(1)), url.canonical, self._headers
+                url.fetch_url, 0, 1, BufferSink(1), url.canonical, self._headers
             )
         location = answer.headers.get("location", "") if 300 <= answer.status < 400 else ""
         if location and urlsplit(location).path.rstrip("/") == urlsplit(url.canonical).path:
@@ -84,12 +85,12 @@ class HTTPBackend:
 
         return [self.stat(child(str(u))) for u in found if not str(u).endswith("/")]
 
-    def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None:
+    def read(self, ref: ObjectRef, start: int, end: int, sink: Sink) -> None:
         headers = dict(self._headers)
         if ref.etag:
             headers["If-Match"] = ref.etag
         answer = self._client.get_range(
-            ref.url.fetch_url, start, end, into, ref.canonical, headers, pinned=ref.version
+            ref.url.fetch_url, start, end, sink, ref.canonical, headers, pinned=ref.version
         )
         total = _total_size(answer, ranged=True)
         if total is not None and total != ref.size:

@@ -1,9 +1,10 @@
-"""Ranged HTTP GETs straight into caller buffers, with per-thread keep-alive connections.
+"""Ranged HTTP GETs streamed to a sink, with per-thread keep-alive connections.
 
 This is the data path for S3 (through presigned URLs) and plain HTTP origins: each
 worker thread owns its connections, reads a block's body with ``readinto`` into a
-preallocated buffer (the socket read releases the GIL), and reuses the connection
-for the next block. URLs passed here may be signed: messages use ``label`` only.
+small preallocated buffer (the socket read releases the GIL), hands each chunk to
+the sink, and reuses the connection for the next block. URLs passed here may be
+signed: messages use ``label`` only.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from node.errors import TransientOriginError
 from node.origins.errors import error_for_status
+from node.sinks import Sink
 
 _ERROR_BODY_LIMIT = 64 * 1024
 MAX_REDIRECTS = 5
+CHUNK_SIZE = 1024 * 1024  # what one socket read may bring at most
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -131,12 +134,16 @@ class RangedHTTPClient:
         url: str,
         start: int,
         end: int,
-        into: memoryview,
+        sink: Sink,
         label: str,
         headers: dict[str, str] | None = None,
         pinned: str = "",
     ) -> Answer:
-        """GET bytes [start, end) of ``url`` into ``into`` (exactly end - start bytes)."""
+        """GET bytes [start, end) of ``url``, handing the body to ``sink`` as it arrives.
+
+        The body goes through a small per-thread buffer, so each chunk is still in
+        the CPU cache when the sink writes it out.
+        """
         request_headers = {"Range": f"bytes={start}-{end - 1}", **(headers or {})}
         response, key = self._request("GET", url, request_headers, label)
         answer = Answer(response.status, _lower(response.msg))
@@ -149,19 +156,25 @@ class RangedHTTPClient:
         except OSError:
             self._drop(*key)
             raise
+        chunk = self._chunk_buffer()
         want = end - start
         done = 0
-        try:
-            while done < want:
-                got = response.readinto(into[done:want])
-                if not got:
-                    break
-                done += got
-        except (OSError, http.client.HTTPException) as exc:
-            self._drop(*key)
-            raise TransientOriginError(
-                f"{label}: reading from the origin failed ({type(exc).__name__})"
-            ) from None
+        while done < want:
+            try:
+                got = response.readinto(chunk[: min(len(chunk), want - done)])
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(*key)
+                raise TransientOriginError(
+                    f"{label}: reading from the origin failed ({type(exc).__name__})"
+                ) from None
+            if not got:
+                break
+            try:
+                sink.write(chunk[:got])
+            except BaseException:
+                self._drop(*key)  # the rest of the body is unread
+                raise
+            done += got
         if done != want:
             self._drop(*key)
             raise TransientOriginError(
@@ -171,6 +184,12 @@ class RangedHTTPClient:
             # A close, or a body longer than asked for: start the next request afresh.
             self._drop(*key)
         return answer
+
+    def _chunk_buffer(self) -> memoryview:
+        buffer = getattr(self._local, "chunk", None)
+        if buffer is None:
+            buffer = self._local.chunk = memoryview(bytearray(CHUNK_SIZE))
+        return buffer
 
 
 def _host(url: str) -> str:

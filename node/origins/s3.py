@@ -3,8 +3,8 @@
 s3fs honours the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_REGION) and the storage options configured per prefix.
 Each ranged GET carries ``If-Match: <ETag>``, so an object overwritten mid-read
-fails with 412 instead of mixing versions. The data path reads each block straight
-into the caller's buffer. Presigned URLs carry signatures: they never leave this
+fails with 412 instead of mixing versions. The data path streams each block
+to its sink. Presigned URLs carry signatures: they never leave this
 module, and messages name the canonical ``s3://`` URL only.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 from node.origins.generic import FsspecBackend
 from node.origins.ranged_http import RangedHTTPClient
 from node.origins.ref import ObjectRef
+from node.sinks import Sink
 from node.urls import OriginURL
 
 PRESIGN_SECONDS = 3600
@@ -57,15 +58,15 @@ class S3Backend(FsspecBackend):
             self._signed[path] = (now, signed)
         return signed
 
-    def read(self, ref: ObjectRef, start: int, end: int, into: memoryview) -> None:
+    def read(self, ref: ObjectRef, start: int, end: int, sink: Sink) -> None:
         if ref.etag is None:
-            super().read(ref, start, end, into)
+            super().read(ref, start, end, sink)
             return
         self._client.get_range(
             self._presigned(ref.url.path),
             start,
             end,
-            into,
+            sink,
             label=ref.canonical,
             headers={"If-Match": ref.etag},
             pinned=ref.version,

@@ -1,0 +1,134 @@
+"""Streams one block into its object's data file as the origin's bytes arrive.
+
+Space is reserved before the first byte; each chunk is written where it belongs
+while it is still in the CPU cache (no block-sized buffer per fill) and hashed on
+the way; the block is recorded only after its last byte is written. A retried
+origin read calls ``begin`` and the block starts again. When the disk fills up and
+nothing can be evicted, or the object is retired meanwhile, the writer falls back
+to memory: what it wrote is read back and the block is served without caching.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from contextlib import ExitStack
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from node import layout
+from node.errors import IntegrityError
+from node.faults import crash_point, should_crash
+
+if TYPE_CHECKING:
+    from node.store import CachedObject, Store
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class BlockWriter:
+    """A sink for one block of one cached object. Make it with ``Store.block_writer``."""
+
+    def __init__(self, store: Store, obj: CachedObject, index: int, charge: int) -> None:
+        self._store = store
+        self._obj = obj
+        self._index = index
+        self._charge = charge
+        self._start, self._end = obj.header.block_span(index)
+        self._offset = self._start
+        self._hasher = xxhash.xxh3_64()
+        self._memory: bytearray | None = None  # set once the block cannot be cached
+        self._held = ExitStack()  # in use (no eviction) and a shared lock (no repair)
+        self._held.enter_context(store.in_use(obj))
+        self._held.enter_context(obj.lock.shared())
+        self._fd = os.open(obj.data_path, os.O_RDWR)
+        self._reserved = True
+        if os.fstat(self._fd).st_ino != obj.inode:  # another process replaced the file
+            store.forget(obj)
+            self._to_memory()
+
+    # -- the sink ----------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._offset = self._start
+        self._hasher.reset()
+        if self._memory is not None:
+            self._memory.clear()
+
+    def write(self, chunk: memoryview) -> None:
+        if self._offset + len(chunk) > self._end:
+            raise ValueError(f"{self._obj.header.url}: more bytes than block {self._index} holds")
+        self._hasher.update(chunk)
+        if self._memory is None:
+            self._write_to_file(chunk)
+        if self._memory is not None:
+            self._memory += chunk
+        self._offset += len(chunk)
+
+    def _write_to_file(self, chunk: memoryview) -> None:
+        done = 0
+        while done < len(chunk):
+            try:
+                done += os.pwrite(self._fd, chunk[done:], self._offset + done)
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    raise
+                if not self._store.make_room(self._obj.tier, self._charge, self._obj):
+                    self._to_memory()
+                    return
+
+    def _to_memory(self) -> None:
+        """Keep the block in memory from here on, with what was written so far."""
+        self._memory = bytearray(os.pread(self._fd, self._offset - self._start, self._start))
+        self._release_reservation()
+
+    # -- the end -----------------------------------------------------------------
+
+    def commit(self) -> bytearray | None:
+        """Record the block: None when it is in the store, else its bytes (uncached)."""
+        try:
+            if self._offset != self._end:
+                raise IntegrityError(
+                    f"{self._obj.header.url}: block {self._index} got "
+                    f"{self._offset - self._start} of {self._end - self._start} bytes"
+                )
+            if self._memory is None and not self._obj.retired:
+                crash_point("after-data-write")
+                self._record(self._hasher.intdigest())
+                return None
+            if self._memory is None:  # retired while we wrote: our inode still has it
+                self._to_memory()
+            return self._memory
+        finally:
+            self.close()
+
+    def _record(self, checksum: int) -> None:
+        record = layout.encode_block(self._index, checksum)
+        crash_point("before-checksum-record")
+        obj = self._obj
+        # One append at a time: each record is one write, whole or absent.
+        with obj.append_lock, open(obj.meta_path, "ab") as meta:
+            if should_crash("torn-checksum-record"):  # this record only
+                meta.write(record[: len(record) // 2])
+                meta.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            meta.write(record)
+        self._store.note_recorded(obj, self._index, checksum, self._charge)
+        self._reserved = False
+        obj.last_used = time.time()
+
+    def _release_reservation(self) -> None:
+        if self._reserved:
+            self._reserved = False
+            self._store.unreserve(self._obj.tier, self._charge)
+
+    def close(self) -> None:
+        """Give back what the writer holds; a block not recorded stays unrecorded."""
+        self._release_reservation()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._held.close()
