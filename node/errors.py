@@ -13,70 +13,52 @@ import errno
 
 
 class CacheError(OSError):
-    """Base class of cachefs-specific errors."""
+    """Base class of cachefs-specific errors: an OSError with a fixed errno."""
+
+    code = errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.code, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
 
 
 class VersionChangedError(CacheError):
     """The origin object changed while a reader was pinned to an older version."""
 
+    code = errno.ESTALE
+
     def __init__(self, url: str, pinned: str, detail: str = "") -> None:
-        message = (
+        super().__init__(
             f"{url} changed at the origin while it was being read (pinned version {pinned}"
             f"{'; ' + detail if detail else ''}); open it again to read the new version"
         )
-        super().__init__(errno.ESTALE, message)
         self.url = url
         self.pinned = pinned
-
-    def __str__(self) -> str:
-        return self.strerror or ""
 
 
 class QuotaExceededError(CacheError):
     """A pin or an object cannot fit in any tier's quota."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EDQUOT, message)
-
-    def __str__(self) -> str:
-        return self.strerror or ""
+    code = errno.EDQUOT
 
 
 class OriginUnavailableError(CacheError, ConnectionError):
     """The origin kept failing with transient errors after every retry."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EIO, message)
-
-    def __str__(self) -> str:
-        return self.strerror or ""
-
 
 class TransientOriginError(CacheError):
     """One origin request failed in a way worth retrying (5xx, throttling, reset)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EAGAIN, message)
-
-    def __str__(self) -> str:
-        return self.strerror or ""
+    code = errno.EAGAIN
 
 
 class IntegrityError(CacheError):
     """Bytes did not match their recorded checksum or expected length."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EIO, message)
-
-    def __str__(self) -> str:
-        return self.strerror or ""
-
 
 class CacheDirError(CacheError):
     """The cache directory cannot be created or written."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EACCES, message)
-
-    def __str__(self) -> str:
-        return self.strerror or ""
+    code = errno.EACCES

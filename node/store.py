@@ -793,24 +793,6 @@ def _block_charge(header: ObjectHeader, index: int) -> int:
     return layout.round_up(end - start)
 
 
-def _pwrite_all(path: Path, data: memoryview, offset: int, inode: int) -> bool:
-    """Write ``data`` at ``offset``; False if the file is gone or is not ours any more."""
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        if os.fstat(fd).st_ino != inode:
-            return False
-        while data:
-            written = os.pwrite(fd, data, offset)
-            data = data[written:]
-            offset += written
-        return True
-    finally:
-        os.close(fd)
-
-
 def _pread_exact(path: Path, into: memoryview, offset: int, inode: int) -> bool | None:
     """Fill ``into`` from ``path`` at ``offset``.
 
