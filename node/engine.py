@@ -268,24 +268,29 @@ class Engine:
             return None
         header = obj.header if obj else self.header(ref)
         start, end = header.block_span(index)
-        writer = self.store.block_writer(obj, index) if obj is not None else None
-        sink: BlockWriter | BufferSink = writer if writer is not None else BufferSink(end - start)
-        try:
-            self.origin.read(ref, start, end, sink)
-        except BaseException as exc:
-            if writer is not None:
-                writer.close()
-            if isinstance(exc, VersionChangedError):
-                self._forget_stat(ref)  # so opening it again sees the new version
-            raise
+        with self._holding(obj):  # no eviction between placing, reserving and writing
+            writer = self.store.block_writer(obj, index) if obj is not None else None
+            sink: BlockWriter | BufferSink = writer or BufferSink(end - start)
+            try:
+                self.origin.read(ref, start, end, sink)
+            except BaseException as exc:
+                if writer is not None:
+                    writer.close()
+                if isinstance(exc, VersionChangedError):
+                    self._forget_stat(ref)  # so opening it again sees the new version
+                raise
+            data = writer.commit() if writer is not None else sink.buffer  # type: ignore[union-attr]
         self.stats.fetched(end - start)
-        data = writer.commit() if writer is not None else sink.buffer  # type: ignore[union-attr]
         if data is None:
             return None
-        if obj is not None and obj.retired:  # evicted while it filled: store it again
-            again = self.store.place(header, obj.tier.name)
-            if again is not None and self.store.write_block(again, index, memoryview(data)):
-                return None
+        for _attempt in range(_MAX_ATTEMPTS):
+            if obj is None or not obj.retired:
+                break  # no room: serve it uncached
+            obj = self.store.place(header, obj.tier.name)  # evicted while it filled: again
+            if obj is not None:
+                with self.store.in_use(obj):
+                    if not obj.retired and self.store.write_block(obj, index, memoryview(data)):
+                        return None
         self.stats.uncached(end - start)
         return bytes(data)
 

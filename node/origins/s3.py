@@ -1,20 +1,27 @@
-"""S3 origins: metadata through s3fs, bytes through presigned ranged GETs.
+"""S3 origins: HEAD and presigning through botocore, bytes through presigned GETs.
 
-s3fs honours the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_REGION) and the storage options configured per prefix.
-Each ranged GET carries ``If-Match: <ETag>``, so an object overwritten mid-read
-fails with 412 instead of mixing versions. The data path streams each block
-to its sink. Presigned URLs carry signatures: they never leave this
-module, and messages name the canonical ``s3://`` URL only.
+botocore honours the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION, web identity, instance profiles) and takes the
+storage options configured per prefix, in s3fs's spelling (``key``, ``secret``,
+``token``, ``anon``, ``profile``, ``endpoint_url``, ``client_kwargs``,
+``config_kwargs``). A plain botocore client starts in a fraction of the time s3fs
+and aiobotocore take to import, which a one-shot ``cachefs prefetch`` pays;
+s3fs is loaded only to list a prefix. Each ranged GET carries
+``If-Match: <ETag>``, so an object overwritten mid-read fails with 412 instead of
+mixing versions. Presigned URLs carry signatures: they never leave this module,
+and messages name the canonical ``s3://`` URL only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import threading
 import time
 from typing import Any
 
-from node.origins.generic import FsspecBackend
+from node.errors import TransientOriginError
+from node.origins.errors import error_for_status
 from node.origins.ranged_http import RangedHTTPClient
 from node.origins.ref import ObjectRef
 from node.sinks import Sink
@@ -22,52 +29,165 @@ from node.urls import OriginURL
 
 PRESIGN_SECONDS = 3600
 PRESIGN_REUSE_SECONDS = 1800
+_CLIENT_KWARGS = ("endpoint_url", "region_name", "verify", "use_ssl")
 
 
-class S3Backend(FsspecBackend):
+class S3Backend:
     def __init__(self, options: dict[str, Any], client: RangedHTTPClient) -> None:
-        # Presign with SigV4: SigV2 URLs are refused by most S3 implementations now.
-        # Retries are cachefs's (retry: in the config), so botocore makes one attempt.
-        config_kwargs = {
-            "signature_version": "s3v4",
+        self._options = dict(options)
+        self._http = client
+        self._clients: dict[str | None, Any] = {}  # per region; None: the configured one
+        self._bucket_regions: dict[str, str] = {}
+        self._signed: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+        self._listing: Any = None
+
+    # -- botocore ----------------------------------------------------------------
+
+    def _client(self, bucket: str) -> Any:
+        region = self._bucket_regions.get(bucket)
+        with self._lock:
+            made = self._clients.get(region)
+            if made is None:
+                made = self._clients[region] = self._make_client(region)
+            return made
+
+    def _make_client(self, region: str | None) -> Any:
+        import botocore.session
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        options = self._options
+        session = botocore.session.Session(profile=options.get("profile"))
+        config = {
+            # SigV4 (SigV2 URLs are refused by most S3 implementations now); one
+            # attempt per call: retries are cachefs's (retry: in the config).
+            "signature_version": UNSIGNED if options.get("anon") else "s3v4",
             "retries": {"total_max_attempts": 1, "mode": "standard"},
             **(options.get("config_kwargs") or {}),
         }
-        # A private instance: its settings must not leak into s3fs users in-process.
-        super().__init__(
-            "s3", {**options, "config_kwargs": config_kwargs, "skip_instance_cache": True}
+        kwargs = {
+            k: v for k, v in (options.get("client_kwargs") or {}).items() if k in _CLIENT_KWARGS
+        }
+        if options.get("endpoint_url"):
+            kwargs["endpoint_url"] = options["endpoint_url"]
+        if region is not None:
+            kwargs["region_name"] = region
+        return session.create_client(
+            "s3",
+            aws_access_key_id=options.get("key"),
+            aws_secret_access_key=options.get("secret"),
+            aws_session_token=options.get("token"),
+            config=Config(**config),
+            **kwargs,
         )
-        self.fs.retries = 1  # s3fs's own retry loop, likewise
-        self._client = client
-        self._signed: dict[str, tuple[float, str]] = {}
-        self._lock = threading.Lock()
 
-    def _ref(self, url: OriginURL, info: dict[str, Any]) -> ObjectRef:
-        etag = info.get("ETag") or info.get("etag")
-        version = f"etag:{etag}" if etag else f"size:{info.get('size')}:{info.get('LastModified')}"
-        return ObjectRef(url=url, version=version, size=int(info["size"] or 0), etag=etag)
+    def _call(self, url: OriginURL, bucket: str, method: str, **params: Any) -> Any:
+        """One botocore call; a bucket in another region is asked again there."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
-    def _presigned(self, path: str) -> str:
+        for _attempt in range(2):
+            try:
+                return getattr(self._client(bucket), method)(Bucket=bucket, **params)
+            except ClientError as exc:
+                response = exc.response
+                headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                region = headers.get("x-amz-bucket-region")
+                if region and self._bucket_regions.get(bucket) != region:
+                    self._bucket_regions[bucket] = region
+                    continue
+                status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                code = str(response.get("Error", {}).get("Code", ""))
+                body = f"<Code>{code}</Code>".encode() if code.isalpha() else b""
+                raise error_for_status(status or 500, url.canonical, body) from None
+            except BotoCoreError as exc:
+                raise TransientOriginError(
+                    f"{url.canonical}: request to the origin failed ({type(exc).__name__})"
+                ) from None
+        raise AssertionError("unreachable")
+
+    # -- the backend ---------------------------------------------------------------
+
+    def stat(self, url: OriginURL) -> ObjectRef:
+        bucket, key = _split(url)
+        if not key:
+            raise IsADirectoryError(errno.EISDIR, f"{url} is a bucket; name an object in it")
+        try:
+            head = self._call(url, bucket, "head_object", Key=key)
+        except FileNotFoundError:
+            listing = self._call(
+                url, bucket, "list_objects_v2", Prefix=key.rstrip("/") + "/", MaxKeys=1
+            )
+            if listing.get("KeyCount"):
+                raise IsADirectoryError(
+                    errno.EISDIR, f"{url} is a directory; name an object in it"
+                ) from None
+            raise
+        headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        if headers.get("x-amz-bucket-region"):  # presign for the bucket's own region
+            self._bucket_regions.setdefault(bucket, headers["x-amz-bucket-region"])
+        etag = head.get("ETag")
+        size = int(head.get("ContentLength") or 0)
+        version = f"etag:{etag}" if etag else f"size:{size}:{head.get('LastModified')}"
+        return ObjectRef(url=url, version=version, size=size, etag=etag)
+
+    def list(self, url: OriginURL) -> list[ObjectRef]:
+        # A listing's ETag is the HEAD's: keep it, so reads of these refs carry If-Match.
+        return [
+            dataclasses.replace(ref, etag=ref.version.removeprefix("etag:"))
+            if ref.version.startswith("etag:")
+            else ref
+            for ref in self._lister().list(url)
+        ]
+
+    def ls(self, url: OriginURL) -> list[dict[str, Any]]:
+        return self._lister().ls(url)
+
+    def _lister(self) -> Any:
+        """s3fs, for listings only (its ETags match HEAD's, so versions agree)."""
+        from node.origins.generic import FsspecBackend
+
+        with self._lock:
+            if self._listing is None:
+                options = {
+                    **self._options,
+                    "config_kwargs": {
+                        "retries": {"total_max_attempts": 1, "mode": "standard"},
+                        **(self._options.get("config_kwargs") or {}),
+                    },
+                    "skip_instance_cache": True,  # its settings must not leak in-process
+                }
+                self._listing = FsspecBackend("s3", options)
+                self._listing.fs.retries = 1  # s3fs's own retry loop: cachefs retries
+            return self._listing
+
+    def _presigned(self, url: OriginURL) -> str:
         now = time.monotonic()
         with self._lock:
-            cached = self._signed.get(path)
+            cached = self._signed.get(url.path)
             if cached and now - cached[0] < PRESIGN_REUSE_SECONDS:
                 return cached[1]
-        signed = self.fs.sign(path, expiration=PRESIGN_SECONDS)
+        bucket, key = _split(url)
+        signed = self._client(bucket).generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS
+        )
         with self._lock:
-            self._signed[path] = (now, signed)
+            self._signed[url.path] = (now, signed)
         return signed
 
     def read(self, ref: ObjectRef, start: int, end: int, sink: Sink) -> None:
-        if ref.etag is None:
-            super().read(ref, start, end, sink)
-            return
-        self._client.get_range(
-            self._presigned(ref.url.path),
+        headers = {"If-Match": ref.etag} if ref.etag else {}
+        self._http.get_range(
+            self._presigned(ref.url),
             start,
             end,
             sink,
             label=ref.canonical,
-            headers={"If-Match": ref.etag},
+            headers=headers,
             pinned=ref.version,
         )
+
+
+def _split(url: OriginURL) -> tuple[str, str]:
+    bucket, _, key = url.path.partition("/")
+    return bucket, key
