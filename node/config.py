@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-import yaml
 
 from node.units import parse_size
 
@@ -105,6 +104,8 @@ def load_config(
             text = Path(path).read_text()
         except OSError as exc:
             raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
+        import yaml  # only when there is a file to read: it costs start-up time
+
         try:
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
@@ -133,7 +134,7 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             target = target.setdefault(key, {})
             if not isinstance(target, dict):
                 raise ValueError(f"{name} overrides a key that is not a section")
-        target[keys[-1]] = yaml.safe_load(value) if value else value
+        target[keys[-1]] = _parse_value(value)
 
 
 _KNOWN_KEYS = {
@@ -228,3 +229,12 @@ def _build_tiers(raw: dict[str, Any]) -> tuple[TierConfig, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"tier names must be unique: {names}")
     return tuple(tiers)
+
+
+def _parse_value(value: str) -> Any:
+    """An environment value as YAML would read it ("8" -> 8, "true" -> True)."""
+    if not value:
+        return value
+    import yaml
+
+    return yaml.safe_load(value)

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import fsspec
 import xxhash
 
 PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "local": "file"}
@@ -79,8 +78,18 @@ class OriginURL:
         )
 
 
+# Protocols cachefs knows without asking fsspec (importing it costs a start-up).
+_COMMON_PROTOCOLS = frozenset({"s3", "gs", "az", "hf", "http", "https", "file", "memory"})
+
+
 def known_protocols() -> list[str]:
+    import fsspec
+
     return sorted(set(fsspec.available_protocols()))
+
+
+def _is_known(protocol: str) -> bool:
+    return protocol in _COMMON_PROTOCOLS or protocol in known_protocols()
 
 
 def _is_signing_key(key: str) -> bool:
@@ -114,7 +123,7 @@ def parse_url(url: str) -> OriginURL:
     protocol = PROTOCOL_ALIASES.get(scheme.lower(), scheme.lower())
     if not protocol or not protocol.replace("-", "").replace("+", "").isalnum():
         raise ValueError(f"malformed URL {_redacted(url)!r}: bad protocol {scheme!r}")
-    if protocol not in known_protocols():
+    if not _is_known(protocol):
         raise ValueError(
             f"unknown protocol {protocol!r} in {_redacted(url)!r}; known: s3, gs, az, hf, "
             "http, https, file, memory (and any installed fsspec backend)"
