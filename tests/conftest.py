@@ -9,6 +9,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import (
@@ -21,6 +22,9 @@ from servers import (
     S3Server,
     make_traversable,
 )
+
+from node.config import load_config
+from node.engine import Engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,3 +172,24 @@ def run_as_nobody(
     os.chown(home, NOBODY_UID, NOBODY_GID)
     python, env = nobody_python
     return NobodyRunner(python, home, env)
+
+
+SMALL_BLOCK = 16 * 1024
+
+
+@pytest.fixture
+def make_engine(cache_dir: Path) -> Iterator[Callable[..., Engine]]:
+    """Engines on ``cache_dir`` with 16 KiB blocks (many blocks, little data), the
+    process environment ignored; closed at teardown. Keyword arguments override
+    config keys."""
+    engines: list[Engine] = []
+
+    def make(**overrides: Any) -> Engine:
+        settings = {"cache_dir": str(cache_dir), "block_size": SMALL_BLOCK, **overrides}
+        engine = Engine(load_config(overrides=settings, environ={}))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()

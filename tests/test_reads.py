@@ -20,7 +20,6 @@ import fsspec
 import pytest
 from servers import ByteRange, RangeHTTPServer, S3Bucket, wait_for
 
-from node.config import load_config
 from node.engine import Engine, Progress
 
 BLOCK = 16 * 1024
@@ -110,22 +109,6 @@ def origin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OriginUnd
         yield OriginUnderTest(kind, put_memory)
         if memfs.exists(root):
             memfs.rm(root, recursive=True)
-
-
-@pytest.fixture
-def make_engine(cache_dir: Path) -> Iterator[Callable[..., Engine]]:
-    """Engines on ``cache_dir`` with small blocks; closed at teardown."""
-    engines: list[Engine] = []
-
-    def make(**overrides: Any) -> Engine:
-        settings = {"cache_dir": str(cache_dir), "block_size": BLOCK, **overrides}
-        engine = Engine(load_config(overrides=settings, environ={}))
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
 
 
 def random_ranges(rng: random.Random, size: int, count: int) -> list[tuple[int, int]]:

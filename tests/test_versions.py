@@ -13,7 +13,7 @@ import errno
 import random
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ import yaml
 from helpers import Background
 from servers import ByteRange, Gate, RangeHTTPServer, S3Bucket, wait_for
 
-from node.config import load_config
 from node.engine import Engine
 from node.errors import VersionChangedError
 
@@ -96,22 +95,6 @@ def origin(request: pytest.FixtureRequest) -> VersionedOrigin:
     http.ignore_if_match = kind == "http-ignore-if-match"
     http.send_etag = kind != "http-no-etag"
     return VersionedOrigin(kind, http)
-
-
-@pytest.fixture
-def make_engine(cache_dir: Path) -> Iterator[Callable[..., Engine]]:
-    """Engines on ``cache_dir`` with small blocks; closed at teardown."""
-    engines: list[Engine] = []
-
-    def make(**overrides: Any) -> Engine:
-        settings = {"cache_dir": str(cache_dir), "block_size": BLOCK, **overrides}
-        engine = Engine(load_config(overrides=settings, environ={}))
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
 
 
 def assert_whole_version(
