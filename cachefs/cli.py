@@ -12,7 +12,6 @@ import getpass
 import json
 import logging
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -98,17 +97,8 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise ValueError("--holder names a pin's holder: add --pin")
     bar = None if args.json else ProgressBar(err)
     last_emit = [0.0]
-    shown = [-1]
-    lock = threading.Lock()
 
-    def on_progress(progress: Any) -> None:
-        with lock:  # called from fill threads: one at a time, never an older snapshot
-            if progress.bytes_done < shown[0]:
-                return
-            shown[0] = progress.bytes_done
-            _show(progress)
-
-    def _show(progress: Any) -> None:
+    def on_progress(progress: Any) -> None:  # the engine reports one at a time, in order
         if bar is not None:
             bar.update(progress)
             return

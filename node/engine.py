@@ -89,7 +89,7 @@ class Engine:
         self.store = Store(config.tiers, config.group)
         self.origin = Origin(config, options, observe=self.stats.observe_origin)
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cachefs-fill")
-        self._flights: dict[tuple[str, int], Future[bytes | None]] = {}
+        self._flights: dict[tuple[str, int], Future[bytearray | None]] = {}
         self._flights_lock = threading.Lock()
         self._stat_cache: dict[str, tuple[float, ObjectRef]] = {}
         self._read_ends: OrderedDict[str, int] = OrderedDict()
@@ -176,7 +176,7 @@ class Engine:
         # Blocks as the stored object cuts them: another process may have made it.
         bs = obj.header.block_size if obj is not None else self.config.block_size
         first, last = start // bs, (end - 1) // bs
-        pending: dict[int, Future[bytes | None]] = {}
+        pending: dict[int, Future[bytearray | None]] = {}
         with self._holding(obj):
             if obj is not None:
                 missing = [i for i in range(first, last + 1) if i not in obj.present]
@@ -201,7 +201,7 @@ class Engine:
         ref: ObjectRef,
         obj: CachedObject | None,
         index: int,
-        future: Future[bytes | None] | None,
+        future: Future[bytearray | None] | None,
         start: int,
         into: memoryview,
     ) -> None:
@@ -233,7 +233,7 @@ class Engine:
 
     # -- fills -------------------------------------------------------------------
 
-    def _flight(self, ref: ObjectRef, index: int) -> tuple[Future[bytes | None], bool]:
+    def _flight(self, ref: ObjectRef, index: int) -> tuple[Future[bytearray | None], bool]:
         """The in-flight fill of a block, and whether this call created it."""
         key = (ref.id, index)
         with self._flights_lock:
@@ -245,7 +245,7 @@ class Engine:
             return future, True
 
     def _run_flight(
-        self, ref: ObjectRef, obj: CachedObject | None, index: int, future: Future[bytes | None]
+        self, ref: ObjectRef, obj: CachedObject | None, index: int, future: Future[bytearray | None]
     ) -> None:
         try:
             if not future.set_running_or_notify_cancel():
@@ -258,7 +258,7 @@ class Engine:
                 if self._flights.get((ref.id, index)) is future:
                     del self._flights[(ref.id, index)]
 
-    def _fill(self, ref: ObjectRef, obj: CachedObject | None, index: int) -> bytes | None:
+    def _fill(self, ref: ObjectRef, obj: CachedObject | None, index: int) -> bytearray | None:
         """Fetch one block from the origin, streaming it into the store.
 
         Returns None when the block is now in the store, or the bytes themselves
@@ -292,7 +292,7 @@ class Engine:
                     if not obj.retired and self.store.write_block(obj, index, memoryview(data)):
                         return None
         self.stats.uncached(end - start)
-        return bytes(data)
+        return data
 
     def _note_sequential(
         self, ref: ObjectRef, start: int, end: int, obj: CachedObject | None
@@ -344,7 +344,7 @@ class Engine:
             manifest.size,
         )
         objects = self._place_all(manifest, pin, tier)
-        jobs: list[tuple[ObjectRef, CachedObject, int, Future[bytes | None]]] = []
+        jobs: list[tuple[ObjectRef, CachedObject, int, Future[bytearray | None]]] = []
         remaining: dict[str, int] = {}
         for ref, obj in objects:
             missing = [i for i in range(obj.header.block_count) if i not in obj.present]
@@ -359,7 +359,7 @@ class Engine:
                 jobs.append((ref, obj, index, future))
         cached_before = state.bytes_done
         if progress:
-            progress(state)
+            progress(dataclasses.replace(state))
         lock = threading.Condition()
         uncached: list[str] = []
         settled = [0]
@@ -377,9 +377,8 @@ class Engine:
                     remaining[ref.id] -= 1
                     if remaining[ref.id] == 0:
                         state.objects_done += 1
-                    if progress:  # under the lock: reports arrive in order
-                        fields = state.__dataclass_fields__
-                        progress(Progress(**{k: getattr(state, k) for k in fields}))
+                    if progress:  # under the lock: reports arrive one at a time, in order
+                        progress(dataclasses.replace(state))
                 finally:
                     settled[0] += 1
                     lock.notify_all()
@@ -418,7 +417,7 @@ class Engine:
         newly_pinned: list[str] = []
         try:
             for ref in manifest.objects:
-                was_pinned = pin is not None and ref.id in self.store.pins().get(pin, ())
+                was_pinned = pin is not None and pin in self.store.holders(ref.id)
                 obj = self.store.place(self.header(ref), tier, pin)
                 if pin is not None and not was_pinned:
                     newly_pinned.append(ref.id)
@@ -438,7 +437,7 @@ class Engine:
             raise
         return placed
 
-    def _wait_all(self, futures: list[Future[bytes | None]]) -> None:
+    def _wait_all(self, futures: list[Future[bytearray | None]]) -> None:
         """Wait for every fill; on the first failure cancel what has not started."""
         pending = set(futures)
         while pending:

@@ -6,7 +6,7 @@ the most it ever reached. A block is recorded only after its bytes are written, 
 served only if they match the recorded xxh3 checksum (checked once per process,
 and for a whole object before its path is handed out). Files that may be held by a
 reader outside the store (a handed-out path, a hard link) are never rewritten: a
-repair retires the whole object directory and starts a new one.
+repair copies the good blocks into a new file that takes the old one's place.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from node.errors import CacheDirError, QuotaExceededError
 from node.faults import crash_point
 from node.layout import ObjectHeader
 from node.units import format_size
+from node.urls import object_id
 
 ROOT_MODE = 0o700
 GROUP_ROOT_MODE = 0o750
@@ -93,7 +94,7 @@ class CachedObject:
     handed_out: bool = False
     retired: bool = False
     inode: int = 0
-    lock: SharedLock = field(default_factory=lambda: SharedLock())
+    lock: SharedLock = field(default_factory=SharedLock)
     append_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -241,8 +242,6 @@ class Store:
             data_size = (directory / "data").stat().st_size
         except (OSError, ValueError, TypeError):
             return None
-        from node.urls import object_id  # local import: urls pulls in fsspec
-
         if header.id != directory.name or object_id(header.url, header.version) != header.id:
             return None
         if data_size > header.size:
@@ -328,11 +327,6 @@ class Store:
     def is_pinned(self, object_id: str) -> bool:
         with self._lock:
             return any(object_id in ids for ids in self._pins.values())
-
-    def pin(self, holder: str, object_ids: Iterable[str]) -> None:
-        with self._lock:
-            self._pins.setdefault(holder, set()).update(object_ids)
-            self._save_pins(holder)
 
     def unpin(self, holder: str, object_ids: Iterable[str] | None = None) -> None:
         with self._lock:
@@ -684,7 +678,7 @@ class Store:
         return bad
 
     def discard(self, obj: CachedObject, indices: Sequence[int]) -> None:
-        """Forget corrupt blocks. A file someone else may hold is retired, not rewritten."""
+        """Forget corrupt blocks. A file someone may hold is repaired into a new file."""
         with self._lock:
             if obj.retired:
                 return

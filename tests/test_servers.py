@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import http.client
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import s3fs
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from helpers import Background
 from servers import (
     TEST_ACCESS_KEY,
     NobodyRunner,
@@ -43,31 +43,6 @@ def _request(
     body = response.read()
     conn.close()
     return response, body
-
-
-class _Background:
-    """Runs a call in a thread and keeps its result, to act while it is blocked."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def join(self, timeout: float = 10.0) -> Any:
-        assert self.done.wait(timeout), "background call did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 # ---------------------------------------------------------------- helpers
@@ -169,7 +144,7 @@ def test_s3_gate_holds_get_across_an_overwrite(s3: S3Bucket) -> None:
     s3.put("k", old)
     client = _client()
     gate = s3.hold_gets("k", min_start=4096)
-    late = _Background(
+    late = Background(
         lambda: client.get_object(Bucket=s3.name, Key="k", Range="bytes=4096-4105")["Body"].read()
     )
     gate.wait_held(1)
@@ -292,7 +267,7 @@ def test_http_reset_connection_breaks_the_body(http_origin: RangeHTTPServer) -> 
 def test_http_gate_blocks_until_released(http_origin: RangeHTTPServer) -> None:
     http_origin.put("f.bin", DATA)
     with http_origin.hold_gets("f.bin", min_start=1000) as gate:
-        held = _Background(
+        held = Background(
             lambda: _request(http_origin, "GET", "f.bin", {"Range": "bytes=1000-1009"})[1]
         )
         gate.wait_held(1)

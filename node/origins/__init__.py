@@ -61,8 +61,7 @@ class Origin:
             return backend
 
     def _make_backend(self, protocol: str, options: dict[str, Any]) -> Backend:
-        from node.origins.generic import FsspecBackend
-
+        # Backends are imported when first used: fsspec itself only for the generic one.
         try:
             if protocol == "s3":
                 from node.origins.s3 import S3Backend
@@ -72,6 +71,8 @@ class Origin:
                 from node.origins.http import HTTPBackend
 
                 return HTTPBackend(protocol, options, self._client)
+            from node.origins.generic import FsspecBackend
+
             return FsspecBackend(protocol, options)
         except ImportError as exc:
             raise ImportError(
