@@ -1,16 +1,19 @@
-"""The ``cachefs`` command: prefetch, ls, evict, unpin, status.
+"""The ``cachefs`` command: prefetch, ls, evict, unpin, status, and node (the daemon).
 
-Without a node daemon the commands run the engine in-process on the local cache
-directory (embedded mode). Every failure exits non-zero with a one-line reason;
+With ``--endpoint`` (or ``CACHEFS_ENDPOINT``) the commands ask that node; without
+one they run the engine in-process on the local cache directory (embedded mode),
+with the same output. Every failure exits non-zero with a one-line reason;
 ``--json`` prints JSON lines (progress events, then a summary or an error).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +28,9 @@ EXIT_INTERRUPTED = 130
 def _parser() -> argparse.ArgumentParser:
     # SUPPRESS: a subcommand's default must not erase the option given before it.
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument(
+        "--endpoint", help="the node to ask: unix:///path.sock or host:port (CACHEFS_ENDPOINT)"
+    )
     common.add_argument("--cache-dir", help="root of the default disk tier (CACHEFS_CACHE_DIR)")
     common.add_argument("--config", help="YAML config file (CACHEFS_CONFIG)")
     common.add_argument("--json", action="store_true", help="print JSON lines")
@@ -49,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         "--holder", default=None, help="name of the pin's holder (default: user:<login name>)"
     )
     prefetch.add_argument("--tier", help="tier to place new objects in (e.g. memory, disk)")
-    prefetch.add_argument(
+    waiting = prefetch.add_mutually_exclusive_group()
+    waiting.add_argument(
         "--wait", action="store_true", default=True, help="wait until done (the default)"
+    )
+    waiting.add_argument(
+        "--detach", action="store_true", help="print the node's job id and return at once"
     )
 
     listing = commands.add_parser("ls", parents=[common], help="list cached objects")
@@ -68,7 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     unpin.add_argument("--holder", default=None, help="the pin's holder (default: user:<login>)")
 
-    commands.add_parser("status", parents=[common], help="tiers, pins and counters")
+    commands.add_parser("status", parents=[common], help="tiers, pins, jobs and counters")
+
+    node = commands.add_parser(
+        "node",
+        parents=[common],
+        help="run the node daemon",
+        description="Serve the cache over gRPC until SIGTERM (then drain).",
+    )
+    node.add_argument("--socket", help="unix socket for local clients")
+    node.add_argument("--address", help="HOST:PORT for TCP clients (needs CACHEFS_TOKEN)")
+    node.add_argument("--metrics-address", help="HOST:PORT of the Prometheus endpoint")
+    node.add_argument("--node-id", help="this node's name (default: the host name)")
     return parser
 
 
@@ -79,10 +100,10 @@ def _default_holder() -> str:
         return "user:unknown"
 
 
-def _engine(args: argparse.Namespace) -> Any:
-    from cachefs.embedded import get_engine
+def _client(args: argparse.Namespace) -> Any:
+    from cachefs.api import connect
 
-    return get_engine(args.cache_dir, args.config)
+    return connect(args.endpoint, args.cache_dir, args.config)
 
 
 def _emit(out: TextIO, record: dict[str, Any]) -> None:
@@ -91,7 +112,7 @@ def _emit(out: TextIO, record: dict[str, Any]) -> None:
 
 
 def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    engine = _engine(args)
+    client = _client(args)
     holder = (args.holder or _default_holder()) if args.pin else None
     if args.holder and not args.pin:
         raise ValueError("--holder names a pin's holder: add --pin")
@@ -120,21 +141,29 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
 
     try:
-        result = engine.prefetch(args.sources, pin=holder, tier=args.tier, progress=on_progress)
+        result = client.prefetch(
+            args.sources, pin=holder, tier=args.tier, progress=on_progress, detach=args.detach
+        )
     finally:
         if bar is not None:
             bar.close()
+    if args.detach:
+        if args.json:
+            _emit(out, {"event": "started", "job": result.id})
+        else:
+            out.write(f"{result.id}\n")
+        return 0
     rate = result.fetched_bytes / result.seconds if result.seconds > 0 else 0.0
     summary = {
         "event": "done",
-        "bytes": result.bytes,
-        "objects": result.objects,
+        "bytes": result.bytes_total,
+        "objects": result.objects_total,
         "fetched_bytes": result.fetched_bytes,
         "cached_bytes": result.cached_before,
         "evicted_during": result.evicted_during,
         "seconds": round(result.seconds, 3),
         "rate_bytes_per_second": round(rate),
-        "pinned_by": result.pinned_by,
+        "pinned_by": result.pin_holder,
     }
     if args.json:
         _emit(out, summary)
@@ -142,7 +171,7 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         from node.units import format_size
 
         out.write(
-            f"prefetched {result.objects} objects, {format_size(result.bytes)} "
+            f"prefetched {result.objects_total} objects, {format_size(result.bytes_total)} "
             f"({format_size(result.fetched_bytes)} from the origin, "
             f"{format_size(result.cached_before)} already cached) in {result.seconds:.1f}s"
             + (f", pinned by {holder}" if holder else "")
@@ -159,50 +188,38 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _ls(args: argparse.Namespace, out: TextIO) -> int:
     from node.units import format_size
 
-    engine = _engine(args)
-    objects = engine.matching(args.source) if args.source else engine.cached()
-    objects = sorted(objects, key=lambda o: o.header.url)  # the same order either way
-    for obj in objects:
+    for entry in _client(args).cached(args.source):
         record = {
-            "url": obj.header.url,
-            "version": obj.header.version,
-            "size": obj.header.size,
-            "cached_bytes": obj.cached_bytes,
-            "tier": obj.tier.name,
-            "complete": obj.complete,
-            "pinned_by": engine.store.holders(obj.id),
-            "id": obj.id,
+            "url": entry.url,
+            "version": entry.version,
+            "size": entry.size,
+            "cached_bytes": entry.cached_bytes,
+            "tier": entry.tier,
+            "complete": entry.complete,
+            "pinned_by": list(entry.pinned_by),
+            "id": entry.id,
         }
         if args.json:
             _emit(out, record)
         else:
-            state = "complete" if obj.complete else (f"partial {format_size(obj.cached_bytes)}")
-            pins = f"  pinned by {', '.join(record['pinned_by'])}" if record["pinned_by"] else ""
-            out.write(
-                f"{obj.header.url}  {format_size(obj.header.size)}  {obj.tier.name}  "
-                f"{state}{pins}\n"
-            )
+            state = "complete" if entry.complete else f"partial {format_size(entry.cached_bytes)}"
+            pins = f"  pinned by {', '.join(entry.pinned_by)}" if entry.pinned_by else ""
+            out.write(f"{entry.url}  {format_size(entry.size)}  {entry.tier}  {state}{pins}\n")
     return 0
 
 
 def _evict(args: argparse.Namespace, out: TextIO) -> int:
-    engine = _engine(args)
-    evicted = [obj for source in args.sources for obj in engine.evict(source)]
-    freed = sum(obj.charged for obj in evicted)
+    objects, freed = _client(args).evict(args.sources)
     if args.json:
-        _emit(out, {"event": "done", "objects": len(evicted), "bytes": freed})
+        _emit(out, {"event": "done", "objects": objects, "bytes": freed})
     else:
-        out.write(f"evicted {len(evicted)} objects\n")
+        out.write(f"evicted {objects} objects\n")
     return 0
 
 
 def _unpin(args: argparse.Namespace, out: TextIO) -> int:
-    engine = _engine(args)
     holder = args.holder or _default_holder()
-    if args.sources:
-        count = sum(engine.unpin(holder, source) for source in args.sources)
-    else:
-        count = engine.unpin(holder)
+    count = _client(args).unpin(holder, args.sources)
     if args.json:
         _emit(out, {"event": "done", "holder": holder, "objects": count})
     else:
@@ -213,27 +230,68 @@ def _unpin(args: argparse.Namespace, out: TextIO) -> int:
 def _status(args: argparse.Namespace, out: TextIO) -> int:
     from node.units import format_size
 
-    engine = _engine(args)
-    tiers = [vars(usage) for usage in engine.store.usage()]
-    pins = {holder: len(ids) for holder, ids in engine.store.pins().items()}
+    status = _client(args).status()
     if args.json:
-        _emit(out, {"tiers": tiers, "pins": pins, "counters": engine.stats.snapshot()})
+        _emit(out, status)
         return 0
-    for tier in tiers:
+    if status.get("node_id"):
+        out.write(f"node {status['node_id']}\n")
+    for tier in status["tiers"]:
         out.write(
             f"tier {tier['name']} ({tier['medium']}) {tier['path']}: "
             f"{format_size(tier['used'])} of {format_size(tier['quota'])} used, "
             f"{format_size(tier['pinned'])} pinned, {tier['objects']} objects\n"
         )
-    for holder, count in sorted(pins.items()):
+    for holder, count in sorted(status["pins"].items()):
         out.write(f"pin {holder}: {count} objects\n")
+    for job in status["jobs"]:
+        out.write(
+            f"job {job['id']} {job['state']}: {format_size(job['bytes_done'])} of "
+            f"{format_size(job['bytes_total'])}, {job['objects_done']}/{job['objects_total']} "
+            f"objects ({', '.join(job['sources'])})"
+            + (f": {job['error']}" if job["error"] else "")
+            + "\n"
+        )
+    ratio = status["hit_ratio"]
+    served = sum(status["served_bytes"].values())
+    out.write(
+        f"served {format_size(served)}"
+        + (f", {ratio:.1%} from the cache" if ratio is not None else "")
+        + f"; fetched {format_size(status['fetched_bytes'])} from origins\n"
+    )
     return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    # gRPC's core writes its own lines to stderr (a failed TLS handshake of any client):
+    # only errors, so that the log stays JSON lines in all but grave cases.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from node import logs
+
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
+    from node.config import load_config
+    from node.daemon import Listeners, default_socket, run
+
+    overrides: dict[str, Any] = {"cache_dir": args.cache_dir}
+    config = load_config(args.config, overrides)
+    server = config.server
+    if args.node_id:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(server, node_id=args.node_id)
+        )
+    listeners = Listeners(
+        socket=args.socket or server.socket or default_socket(),
+        address=args.address or server.address,
+        metrics_address=args.metrics_address or server.metrics_address,
+    )
+    return run(config, listeners)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     for name, default in (
+        ("endpoint", None),
         ("cache_dir", None),
         ("config", None),
         ("json", False),
@@ -241,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         args.__dict__.setdefault(name, default)
     out, err = sys.stdout, sys.stderr
+    if args.command == "node":
+        try:
+            return _node(args)
+        except Exception as exc:  # a node that cannot start: one line, non-zero exit
+            err.write(f"cachefs: error: {_one_line(exc)}\n")
+            return EXIT_FAILURE
     logging.basicConfig(
         stream=err,
         level=logging.INFO if args.verbose else logging.WARNING,

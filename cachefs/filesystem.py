@@ -5,19 +5,24 @@ front of s3fs: fsspec passes ``target_protocol="s3"``, ``target_options`` and
 ``fo``. It can also be used alone with full URLs as paths:
 ``fsspec.filesystem("cachefs").cat_file("s3://bucket/key")``.
 
-Every open file is pinned to the object version seen when it was opened. A complete
-cached object opens as a plain local file; ``open_local`` returns its path, so
-``safetensors.safe_open`` can mmap it.
+It asks the node named by ``endpoint=`` or ``CACHEFS_ENDPOINT`` (client mode);
+without one it runs the engine in this process (embedded mode). Every open file is
+pinned to the object version seen when it was opened. A complete cached object whose
+file this host can see opens as a plain local file, with no bytes through gRPC;
+``open_local`` returns its path, so ``safetensors.safe_open`` can mmap it.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any, ClassVar
 
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.registry import get_filesystem_class
 from fsspec.spec import AbstractBufferedFile
+
+from cachefs.api import CacheClient, ObjectInfo, connect
 
 PROTOCOL = "cachefs"
 _PREFIXES = ("cachefs::", "cachefs://")
@@ -37,13 +42,18 @@ class CacheFileSystem(ChainedFileSystem):
         target_options: dict[str, Any] | None = None,
         fs: Any = None,
         fo: str | None = None,
+        endpoint: str | None = None,
         cache_dir: str | None = None,
         config: str | None = None,
+        timeout: float | None = None,
+        local_reads: bool = True,
         **kwargs: Any,
     ) -> None:
-        """``cache_dir`` / ``config`` choose the cache (else CACHEFS_CACHE_DIR /
-        CACHEFS_CONFIG, else the user's cache directory). ``target_options`` are the
-        origin's storage options, used in embedded mode only.
+        """``endpoint`` names a node (else CACHEFS_ENDPOINT; else embedded mode, whose
+        cache ``cache_dir`` / ``config`` choose). ``target_options`` are the origin's
+        storage options: embedded mode uses them, a node never receives them.
+        ``timeout`` bounds each call to a node (seconds); ``local_reads=False`` sends
+        every read through the node even when its file is visible here.
         """
         super().__init__(**kwargs)
         if fs is not None:
@@ -54,9 +64,13 @@ class CacheFileSystem(ChainedFileSystem):
             target_options = dict(fs.storage_options)
         self.target_protocol = target_protocol
         self.target_options = dict(target_options or {})
+        self.endpoint = endpoint
         self.cache_dir = cache_dir
         self.config_path = config
+        self.timeout = timeout
+        self.local_reads = local_reads
         self.fo = fo
+        self._client: tuple[int, CacheClient] | None = None
         if target_protocol is not None:
             target_class = get_filesystem_class(target_protocol)
 
@@ -77,11 +91,13 @@ class CacheFileSystem(ChainedFileSystem):
         return path
 
     @property
-    def engine(self) -> Any:
-        from cachefs.embedded import get_engine
-
-        options = {self.target_protocol: self.target_options} if self.target_protocol else None
-        return get_engine(self.cache_dir, self.config_path, options)
+    def client(self) -> CacheClient:
+        """The node's client, or the embedded engine's: made once per process."""
+        if self._client is None or self._client[0] != os.getpid():
+            options = {self.target_protocol: self.target_options} if self.target_protocol else None
+            client = connect(self.endpoint, self.cache_dir, self.config_path, options, self.timeout)
+            self._client = (os.getpid(), client)
+        return self._client[1]
 
     def origin_url(self, path: str) -> str:
         """The origin URL that ``path`` names for this filesystem."""
@@ -111,45 +127,56 @@ class CacheFileSystem(ChainedFileSystem):
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         url = self.origin_url(path)
         try:
-            ref = self.engine.stat(url)
+            info = self.client.stat(url)
         except IsADirectoryError:
             return {"name": self._name(url), "size": 0, "type": "directory"}
         return {
             "name": self._name(url),
-            "size": ref.size,
+            "size": info.size,
             "type": "file",
-            "version": ref.version,
-            "url": ref.canonical,
+            "version": info.version,
+            "url": info.url,
         }
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
-        from node.urls import parse_url
-
-        url = parse_url(self.origin_url(path))
-        entries = []
-        for entry in self.engine.origin.ls(url):
-            name = entry["name"]
-            full = name if "://" in name else url.child(name).canonical
-            entries.append({**entry, "name": self._name(full)})
+        entries = [
+            {**entry, "name": self._name(entry["name"])}
+            for entry in self.client.ls(self.origin_url(path))
+        ]
         return entries if detail else [e["name"] for e in entries]
 
     def ukey(self, path: str) -> str:
-        return self.engine.stat(self.origin_url(path)).id
+        return self.client.stat(self.origin_url(path)).id
 
     # -- reads -------------------------------------------------------------------
+
+    def _local_file(self, info: ObjectInfo) -> str | None:
+        return self.client.local_path(info) if self.local_reads else None
 
     def cat_file(
         self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
     ) -> bytes:
-        ref = self.engine.stat(self.origin_url(path))
+        client = self.client
+        info = client.stat(self.origin_url(path))
         # fsspec's contract: negative offsets count back from the end, like slices.
-        start = max(0, ref.size + start) if start is not None and start < 0 else start or 0
-        end = ref.size + end if end is not None and end < 0 else end
-        return self.engine.read_ref(ref, start, end)
+        start = max(0, info.size + start) if start is not None and start < 0 else start or 0
+        end = info.size + end if end is not None and end < 0 else end
+        end = info.size if end is None else min(end, info.size)
+        if start > info.size:
+            raise ValueError(f"offset {start} is past the end of {info.url} ({info.size} bytes)")
+        local = self._local_file(info)
+        if local is not None:
+            try:
+                with open(local, "rb") as f:
+                    f.seek(start)
+                    return f.read(max(0, end - start))
+            except FileNotFoundError:
+                pass  # evicted since the stat: read through the cache
+        return client.read(info, start, end)
 
     def open_local(self, path: str) -> str:
         """Path of the complete, verified cached file (fetched first if needed)."""
-        return str(self.engine.open_local(self.origin_url(path)))
+        return self.client.open_local(self.origin_url(path))
 
     def _open(
         self,
@@ -164,34 +191,35 @@ class CacheFileSystem(ChainedFileSystem):
             raise PermissionError(
                 errno.EROFS, f"cachefs is read-only; cannot open {path} for {mode!r}"
             )
-        engine = self.engine
-        ref = engine.stat(self.origin_url(path))
-        cached = engine.store.get(ref.id)
-        if cached is not None and cached.complete:
-            local = engine.store.local_path(cached)
-            if local is not None:
+        client = self.client
+        info = client.stat(self.origin_url(path))
+        local = self._local_file(info)
+        if local is not None:
+            try:
                 return open(local, "rb")
+            except FileNotFoundError:
+                pass  # evicted since the stat: read through the cache
         return CachedFile(
             self,
             path,
-            ref,
-            block_size=block_size or engine.config.block_size,
+            info,
+            block_size=block_size or client.block_size,
             cache_options=cache_options,
         )
 
 
 class CachedFile(AbstractBufferedFile):
-    """A file pinned to one object version; ranges come from the engine."""
+    """A file pinned to one object version; ranges come from the cache client."""
 
     def __init__(
         self,
         fs: CacheFileSystem,
         path: str,
-        ref: Any,
+        info: ObjectInfo,
         block_size: int,
         cache_options: dict[str, Any] | None = None,
     ) -> None:
-        self.ref = ref
+        self.info = info
         super().__init__(
             fs,
             path,
@@ -199,8 +227,8 @@ class CachedFile(AbstractBufferedFile):
             block_size=block_size,
             cache_type="readahead",
             cache_options=cache_options,
-            size=ref.size,
+            size=info.size,
         )
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return self.fs.engine.read_ref(self.ref, start, end)
+        return self.fs.client.read(self.info, start, end)

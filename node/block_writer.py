@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from cachefs.errors import IntegrityError
 from node import layout
-from node.errors import IntegrityError
 from node.faults import crash_point, should_crash
 
 if TYPE_CHECKING:

@@ -26,6 +26,7 @@ _RESERVED_ENV = {
     "CACHEFS_ENDPOINT",
     "CACHEFS_TOKEN",
     "CACHEFS_TOKEN_FILE",
+    "CACHEFS_TLS_CA",
     "CACHEFS_TEST_CRASH_AT",
 }
 
@@ -57,6 +58,23 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """Where and how ``cachefs node`` listens (flags override these)."""
+
+    node_id: str = ""  # default: the host name
+    socket: str = ""  # default: /run/cachefs/cachefs.sock as root, else the user's runtime dir
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    address: str | None = None  # host:port for TCP clients; needs CACHEFS_TOKEN(_FILE)
+    metrics_address: str | None = None  # host:port of the Prometheus endpoint
+    tls_cert: str | None = None  # PEM files: with both set, TCP speaks TLS
+    tls_key: str | None = None
+    shutdown_grace: float = 30.0  # seconds in-flight calls get after SIGTERM
+    max_request_bytes: int = 4 * 1024 * 1024
+    workers: int = 64  # concurrent calls per listener
+
+
+@dataclass(frozen=True)
 class Config:
     tiers: tuple[TierConfig, ...]
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -66,6 +84,7 @@ class Config:
     group: str | None = None
     origins: tuple[OriginConfig, ...] = ()
     retry: RetryConfig = field(default_factory=RetryConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def options_for(self, canonical_url: str) -> dict[str, Any]:
         """Configured storage options of the longest matching origin prefix."""
@@ -147,6 +166,7 @@ _KNOWN_KEYS = {
     "group",
     "origins",
     "retry",
+    "server",
 }
 
 
@@ -165,6 +185,7 @@ def _build(raw: dict[str, Any]) -> Config:
             if _check_key("retry", k, RetryConfig)
         }
     )
+    server = _build_server(raw.get("server") or {})
     block_size = parse_size(raw.get("block_size", DEFAULT_BLOCK_SIZE))
     if block_size < 4096 or block_size % 4096:
         raise ValueError(f"block_size must be a multiple of 4 KiB, at least 4 KiB: {block_size}")
@@ -185,7 +206,41 @@ def _build(raw: dict[str, Any]) -> Config:
         group=str(raw["group"]) if raw.get("group") is not None else None,
         origins=origins,
         retry=retry,
+        server=server,
     )
+
+
+def _build_server(raw: Any) -> ServerConfig:
+    if not isinstance(raw, dict):
+        raise ValueError("config key 'server' must be a mapping")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        _check_key("server", key, ServerConfig)
+        if value is None:
+            values[key] = None
+        elif key == "socket_mode":
+            try:
+                values[key] = int(value, 8) if isinstance(value, str) else int(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"server.socket_mode {value!r} must be an octal mode such as 0660"
+                ) from None
+            if values[key] & ~0o777 or values[key] & 0o007:
+                raise ValueError(
+                    f"server.socket_mode {value!r} must be an octal mode without rights "
+                    "for others (e.g. 0660)"
+                )
+        elif key == "max_request_bytes":
+            values[key] = parse_size(value)
+        elif key in ("shutdown_grace",):
+            values[key] = float(value)
+        elif key == "workers":
+            values[key] = int(value)
+        else:
+            values[key] = str(value)
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise ValueError("TLS needs both server.tls_cert and server.tls_key, or neither")
+    return ServerConfig(**values)
 
 
 def _check_entry(section: str, index: int, item: Any, known: set[str], required: str) -> bool:

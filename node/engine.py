@@ -22,20 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachefs.errors import IntegrityError, QuotaExceededError, VersionChangedError
 from node.block_writer import BlockWriter
 from node.config import Config
-from node.errors import IntegrityError, QuotaExceededError, VersionChangedError
 from node.layout import ObjectHeader
 from node.origins import ObjectRef, Origin
 from node.sinks import BufferSink
 from node.stats import EngineStats
 from node.store import CachedObject, Store
 from node.units import format_size
-from node.urls import parse_url
+from node.urls import object_id, parse_url
 
 _MAX_ATTEMPTS = 3
 log = logging.getLogger("cachefs.engine")
 _SEQUENTIAL_TRACKED = 1024
+_KNOWN_REFS = 4096
 
 
 @dataclass
@@ -92,6 +93,10 @@ class Engine:
         self._flights: dict[tuple[str, int], Future[bytearray | None]] = {}
         self._flights_lock = threading.Lock()
         self._stat_cache: dict[str, tuple[float, ObjectRef]] = {}
+        # Refs handed out recently, by object id: a reader in another process that
+        # pinned one gets it back whole (with the ETag its fills must carry).
+        self._known_refs: OrderedDict[str, ObjectRef] = OrderedDict()
+        self._refs_lock = threading.Lock()
         self._read_ends: OrderedDict[str, int] = OrderedDict()
 
     def close(self) -> None:
@@ -108,8 +113,33 @@ class Engine:
             # Same object, but fetch with this caller's URL (its own signature/userinfo).
             return dataclasses.replace(cached[1], url=parsed)
         ref = self.origin.stat(parsed)
-        self._stat_cache[parsed.canonical] = (now, ref)
+        self._remember(ref, now)
         return ref
+
+    def pinned(self, url: str, version: str) -> ObjectRef:
+        """``url`` at ``version``: the pin of a reader that stat'ed it earlier.
+
+        A version this engine no longer knows and the origin no longer has is a
+        VersionChangedError: its bytes cannot be fetched any more.
+        """
+        current = self.stat(url)
+        if not version or current.version == version:
+            return current
+        with self._refs_lock:
+            known = self._known_refs.get(object_id(current.canonical, version))
+        if known is not None:
+            return dataclasses.replace(known, url=current.url)
+        raise VersionChangedError(
+            current.canonical, version, f"the origin now has version {current.version}"
+        )
+
+    def _remember(self, ref: ObjectRef, now: float) -> None:
+        self._stat_cache[ref.canonical] = (now, ref)
+        with self._refs_lock:
+            self._known_refs[ref.id] = ref
+            self._known_refs.move_to_end(ref.id)
+            while len(self._known_refs) > _KNOWN_REFS:
+                self._known_refs.popitem(last=False)
 
     def _forget_stat(self, ref: ObjectRef) -> None:
         """Drop the cached stat of ``ref``'s URL if it still names ``ref``'s version."""
@@ -127,7 +157,7 @@ class Engine:
         for source in sources:
             for ref in self.origin.resolve(source):
                 refs.setdefault(ref.id, ref)
-                self._stat_cache[ref.canonical] = (time.monotonic(), ref)
+                self._remember(ref, time.monotonic())
         return Manifest(tuple(sources), tuple(refs.values()))
 
     # -- reads -------------------------------------------------------------------

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from cachefs.errors import OriginUnavailableError, TransientOriginError
 from node.config import RetryConfig
-from node.errors import OriginUnavailableError, TransientOriginError
 
 T = TypeVar("T")
 log = logging.getLogger("cachefs.origin")

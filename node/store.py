@@ -27,10 +27,10 @@ from pathlib import Path
 
 import xxhash
 
+from cachefs.errors import CacheDirError, QuotaExceededError
 from node import layout
 from node.block_writer import BlockWriter
 from node.config import TierConfig, default_quota
-from node.errors import CacheDirError, QuotaExceededError
 from node.faults import crash_point
 from node.layout import ObjectHeader
 from node.units import format_size

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon import NodeProcess
 from servers import (
     AWS_ENV_TO_CLEAR,
     NOBODY_GID,
@@ -193,3 +194,25 @@ def make_engine(cache_dir: Path) -> Iterator[Callable[..., Engine]]:
     yield make
     for engine in engines:
         engine.close()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Factory of real ``cachefs node`` processes (unix socket + TCP on 127.0.0.1:0),
+    ready when returned; every one is killed at teardown."""
+    nodes: list[NodeProcess] = []
+
+    def start(cache_dir: Path | None = None, **kwargs: Any) -> NodeProcess:
+        cache = cache_dir or tmp_path / "node-cache"
+        socket_path = kwargs.pop("socket_path", tmp_path / f"node-{len(nodes)}.sock")
+        ready = kwargs.pop("ready", True)
+        node = NodeProcess(cache, socket_path, **kwargs)
+        nodes.append(node)
+        return node.wait_ready() if ready else node
+
+    yield start
+    for node in nodes:
+        node.kill()
+    from cachefs.client import close_clients
+
+    close_clients()  # no test's channel outlives its node

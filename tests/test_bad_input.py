@@ -21,9 +21,9 @@ import pytest
 from servers import NobodyRunner, RangeHTTPServer, S3Bucket
 
 from cachefs.cli import main as cli_main
+from cachefs.errors import CacheDirError, QuotaExceededError
 from node.config import load_config
 from node.engine import Engine
-from node.errors import CacheDirError, QuotaExceededError
 
 DATA = bytes(range(256)) * 400  # 100 KiB, position-dependent bytes
 BLOCK = "64KiB"

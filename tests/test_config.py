@@ -303,3 +303,34 @@ origins:
     assert config.options_for("gs://b/x") == {}
     config.options_for("s3://models/a")["anon"] = True  # a copy: the config is unchanged
     assert config.options_for("s3://models/a")["anon"] is False
+
+
+def test_server_section_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "server:\n  socket: /run/x.sock\n  socket_mode: '0640'\n  address: 0.0.0.0:7070\n"
+        "  max_request_bytes: 1MiB\n  shutdown_grace: 5\n"
+    )
+    config = load_config(path, environ={"CACHEFS_SERVER__METRICS_ADDRESS": "0.0.0.0:9090"})
+    assert config.server.socket == "/run/x.sock"
+    assert config.server.socket_mode == 0o640
+    assert config.server.address == "0.0.0.0:7070"
+    assert config.server.metrics_address == "0.0.0.0:9090"
+    assert config.server.max_request_bytes == 1024 * 1024
+    assert config.server.shutdown_grace == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("server:\n  socket_mode: '0666'\n", "others"),
+        ("server:\n  socket_mode: 660\n", "octal"),
+        ("server:\n  listen: x\n", "server.listen"),
+        ("server: 3\n", "mapping"),
+    ],
+)
+def test_bad_server_section_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path, environ={})

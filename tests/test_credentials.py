@@ -22,9 +22,9 @@ import fsspec
 import pytest
 from servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, RangeHTTPServer, S3Bucket
 
+from cachefs.errors import OriginUnavailableError, VersionChangedError
 from node.config import load_config
 from node.engine import Engine
-from node.errors import OriginUnavailableError, VersionChangedError
 from node.urls import object_id, parse_url
 
 DATA = bytes(range(256)) * 700  # 175 KiB: three 64 KiB blocks

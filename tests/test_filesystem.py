@@ -22,7 +22,7 @@ import fsspec
 import pytest
 from servers import RangeHTTPServer, S3Bucket
 
-from node.errors import VersionChangedError
+from cachefs.errors import VersionChangedError
 
 DATA = random.Random(2024).randbytes(3 * 1024 * 1024 // 2 + 77)  # 1.5 MiB and a ragged tail
 

@@ -11,9 +11,9 @@ import pytest
 from helpers import Background
 from servers import RangeHTTPServer, S3Bucket, wait_for
 
+from cachefs.errors import OriginUnavailableError
 from node.config import load_config
 from node.engine import Engine
-from node.errors import OriginUnavailableError
 
 KIB = 1024
 BLOCK = 64 * KIB

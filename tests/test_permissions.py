@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from servers import NOBODY_GID, NOBODY_UID, NobodyRunner
 
+from cachefs.errors import CacheDirError
 from node.config import load_config
 from node.engine import Engine
-from node.errors import CacheDirError
 
 BLOCK = 64 * 1024
 OTHER_GID = 4242  # a gid that uid 65534 is not a member of
@@ -336,7 +336,7 @@ ENGINE_AS_NOBODY = """
 import json, sys
 from node.config import load_config
 from node.engine import Engine
-from node.errors import CacheDirError
+from cachefs.errors import CacheDirError
 try:
     Engine(load_config()).close()
     print(json.dumps({"ok": True}))

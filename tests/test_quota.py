@@ -17,10 +17,10 @@ import pytest
 import xxhash
 from servers import RangeHTTPServer
 
+from cachefs.errors import QuotaExceededError
 from node import layout
 from node.config import load_config
 from node.engine import Engine, Progress
-from node.errors import QuotaExceededError
 from node.layout import PAGE, ObjectHeader
 from node.store import CachedObject, Tier
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from servers import RangeHTTPServer
 
+from cachefs.errors import VersionChangedError
 from node.config import load_config
 from node.engine import Engine
-from node.errors import VersionChangedError
 
 BLOCK = 64 * 1024
 

@@ -23,8 +23,8 @@ import yaml
 from helpers import Background
 from servers import ByteRange, Gate, RangeHTTPServer, S3Bucket, wait_for
 
+from cachefs.errors import VersionChangedError
 from node.engine import Engine
-from node.errors import VersionChangedError
 
 BLOCK = 16 * 1024
 SIZE = 6 * BLOCK + 321

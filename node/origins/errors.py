@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import re
 
-from node.errors import TransientOriginError, VersionChangedError
+from cachefs.errors import TransientOriginError, VersionChangedError
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset(

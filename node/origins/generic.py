@@ -12,7 +12,7 @@ from typing import Any
 
 import fsspec
 
-from node.errors import TransientOriginError, VersionChangedError
+from cachefs.errors import TransientOriginError, VersionChangedError
 from node.origins.ref import ObjectRef, version_from_info
 from node.sinks import Sink
 from node.urls import OriginURL

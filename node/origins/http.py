@@ -13,7 +13,7 @@ import errno
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from node.errors import VersionChangedError
+from cachefs.errors import VersionChangedError
 from node.origins.errors import error_for_status
 from node.origins.ranged_http import Answer, RangedHTTPClient, basic_auth
 from node.origins.ref import ObjectRef

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import unquote, urljoin, urlsplit
 
-from node.errors import TransientOriginError
+from cachefs.errors import TransientOriginError
 from node.origins.errors import error_for_status
 from node.sinks import Sink
 

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from node.errors import TransientOriginError
+from cachefs.errors import TransientOriginError
 from node.origins.errors import error_for_status
 from node.origins.ranged_http import RangedHTTPClient
 from node.origins.ref import ObjectRef

@@ -1,7 +1,9 @@
-"""Errors the engine raises, as builtins where a builtin fits.
+"""Errors cachefs raises, as builtins where a builtin fits.
 
-Callers (the fsspec filesystem, the CLI) catch builtins: ``FileNotFoundError`` for a
-missing object, ``PermissionError`` for denied access, ``ValueError`` for bad input.
+The engine raises them; in client mode the node's errors arrive as the same classes
+(``cachefs.rpc_errors``). Callers (the fsspec filesystem, the CLI) catch builtins:
+``FileNotFoundError`` for a missing object, ``PermissionError`` for denied access,
+``ValueError`` for bad input.
 The classes below add what builtins cannot say: an origin object changed under a
 pinned read, a quota that cannot hold a pin, an origin that stayed unavailable.
 Messages name canonical URLs only, never credentials or signed query strings.
@@ -36,6 +38,10 @@ class VersionChangedError(CacheError):
         )
         self.url = url
         self.pinned = pinned
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return type(self), (self.url, self.pinned, self.detail)
 
 
 class QuotaExceededError(CacheError):
@@ -62,3 +68,9 @@ class CacheDirError(CacheError):
     """The cache directory cannot be created or written."""
 
     code = errno.EACCES
+
+
+class NodeUnavailableError(CacheError, ConnectionError):
+    """The cachefs node a client talks to cannot be reached or went away mid-call."""
+
+    code = errno.ECONNREFUSED

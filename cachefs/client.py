@@ -1,0 +1,446 @@
+"""Client mode: a ``CacheClient`` that asks a cachefs node over gRPC.
+
+The endpoint is ``unix:///path/to.sock`` (a node on this host) or ``host:port``
+(TCP: the shared token from ``CACHEFS_TOKEN``/``CACHEFS_TOKEN_FILE`` is presented,
+and ``CACHEFS_TLS_CA`` turns on TLS). Channels are made lazily, one per process id,
+so a forked child (a DataLoader worker) never uses its parent's. Every call has a
+deadline. A complete object whose file this host can see is read from the file
+directly; other reads stream 1 MiB chunks into preallocated buffers. Origin
+credentials are never sent: the node reads origins with its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from cachefs.api import JOB_STATES, CachedEntry, JobStatus, ObjectInfo
+from cachefs.auth import metadata, read_token
+from cachefs.errors import IntegrityError
+from cachefs.proto import cachefs_pb2 as pb
+from cachefs.proto import cachefs_pb2_grpc as pb_grpc
+from cachefs.rpc_errors import from_rpc_error, rebuild
+
+TLS_CA_ENV = "CACHEFS_TLS_CA"
+DEFAULT_TIMEOUT = 60.0
+# Streams get longer: the base deadline plus the time to move the bytes at this rate.
+_SLOWEST_RATE = 20 * 1024 * 1024
+CHUNK_SIZE = 1024 * 1024
+_MAX_MESSAGE = 4 * 1024 * 1024 + 64 * 1024
+_ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_clients: dict[tuple[int, str, float, str | None, str | None], NodeClient] = {}
+_clients_lock = threading.Lock()
+
+
+class _CallsInFlight:
+    """Counts this process's calls so that a fork waits until none is in flight.
+
+    gRPC can only hand a forking process a clean state when no thread is inside a
+    call (else its fork handlers are skipped and the child's channels break). So
+    ``os.fork`` waits, up to ``FORK_WAIT`` seconds, for the calls in flight to end,
+    holding new ones back until the fork is done; DataLoader workers fork this way.
+    """
+
+    FORK_WAIT = 30.0
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._count = 0
+        self._forking = False
+
+    def enter(self) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._forking)
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def before_fork(self) -> None:
+        with self._changed:
+            self._forking = True
+            self._changed.wait_for(lambda: self._count == 0, self.FORK_WAIT)
+
+    def after_fork_in_parent(self) -> None:
+        with self._changed:
+            self._forking = False
+            self._changed.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        self._changed = threading.Condition()  # the parent's threads are not here
+        self._count = 0
+        self._forking = False
+
+
+_in_flight = _CallsInFlight()
+os.register_at_fork(
+    before=_in_flight.before_fork,
+    after_in_parent=_in_flight.after_fork_in_parent,
+    after_in_child=_in_flight.after_fork_in_child,
+)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, bool]:
+    """(gRPC target, is TCP) of ``unix:///abs/path.sock`` or ``host:port``."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://") :]
+        if not path.startswith("/"):
+            raise ValueError(
+                f"endpoint {endpoint!r}: a unix socket needs an absolute path "
+                "(unix:///run/cachefs/cachefs.sock)"
+            )
+        return endpoint, False
+    match = _ENDPOINT.match(endpoint)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(
+            f"endpoint {endpoint!r} is neither unix:///path/to.sock nor host:port; set "
+            "CACHEFS_ENDPOINT (or endpoint=) to the node's socket or address"
+        )
+    return endpoint, True
+
+
+def get_client(endpoint: str, timeout: float | None = None) -> NodeClient:
+    """The process's client of ``endpoint`` (one per process id and token: fork-safe)."""
+    _target, tcp = parse_endpoint(endpoint)
+    token = read_token() if tcp else None
+    ca = os.environ.get(TLS_CA_ENV) if tcp else None
+    key = (os.getpid(), endpoint, timeout or DEFAULT_TIMEOUT, token, ca)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = NodeClient(endpoint, timeout, token, ca)
+        return client
+
+
+class NodeClient:
+    """A ``CacheClient`` of one node."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+    ) -> None:
+        """``token`` is presented over TCP and ``tls_ca`` (a PEM file) turns TLS on;
+        both default to the environment."""
+        self.endpoint = endpoint
+        self.target, self.tcp = parse_endpoint(endpoint)
+        self.timeout = timeout or DEFAULT_TIMEOUT
+        self._token = token if token is not None else (read_token() if self.tcp else None)
+        self._tls_ca = tls_ca if tls_ca is not None else os.environ.get(TLS_CA_ENV)
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.CacheStub | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._block_size = CHUNK_SIZE
+
+    # -- the channel ---------------------------------------------------------------
+
+    @property
+    def stub(self) -> pb_grpc.CacheStub:
+        """This process's stub; a forked child makes its own channel on first use."""
+        if self._pid != os.getpid() or self._stub is None:
+            with self._lock:
+                if self._pid != os.getpid() or self._stub is None:
+                    self._connect()
+        return self._stub  # type: ignore[return-value]
+
+    def _connect(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", 4 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Connections of this channel only: a forked child must never pick up a
+            # connection its parent opened (gRPC shares them process-wide otherwise).
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        self._metadata = metadata(self._token) if self.tcp and self._token else ()
+        if self.tcp:
+            if self._tls_ca:
+                try:
+                    with open(self._tls_ca, "rb") as f:
+                        root_certificates = f.read()
+                except OSError as exc:
+                    raise ValueError(
+                        f"cannot read the CA file that {TLS_CA_ENV} names ({self._tls_ca}): "
+                        f"{exc.strerror}"
+                    ) from None
+                credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+                channel = grpc.secure_channel(self.target, credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(self.target, options=options)
+        else:
+            channel = grpc.insecure_channel(self.target, options=options)
+        # The parent's channel is left alone: closing it here would break the parent.
+        self._channel = channel
+        self._stub = pb_grpc.CacheStub(channel)
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None and self._pid == os.getpid():
+                self._channel.close()
+            self._channel, self._stub, self._pid = None, None, -1
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        deadline = timeout or self.timeout
+        stub = self.stub
+        _in_flight.enter()
+        try:
+            return getattr(stub, method)(request, timeout=deadline, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.endpoint, deadline) from exc
+        finally:
+            _in_flight.leave()
+
+    def _stream(self, method: str, request: Any, timeout: float) -> Iterator[Any]:
+        stub = self.stub
+        _in_flight.enter()
+        try:
+            call = getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
+            try:
+                yield from call
+            finally:
+                call.cancel()  # a consumer that stops early frees the node's side
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.endpoint, timeout) from exc
+        finally:
+            _in_flight.leave()
+
+    # -- objects -------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    def stat(self, url: str) -> ObjectInfo:
+        reply = self._call("Stat", pb.StatRequest(url=url))
+        if reply.is_directory:
+            raise IsADirectoryError(
+                errno.EISDIR, f"{reply.url} is a directory; name an object in it"
+            )
+        if reply.block_size:
+            self._block_size = reply.block_size
+        return ObjectInfo(
+            url=reply.url,
+            version=reply.version,
+            size=reply.size,
+            id=reply.id,
+            complete=reply.complete,
+            local_path=reply.local_path or None,
+            inode=reply.inode,
+            handle=url,  # reads name the object as the caller did (a signed URL stays signed)
+        )
+
+    def ls(self, url: str) -> list[dict[str, Any]]:
+        reply = self._call("List", pb.ListRequest(url=url))
+        return [
+            {
+                "name": e.name,
+                "size": e.size,
+                "type": e.type,
+                **({"version": e.version} if e.version else {}),
+            }
+            for e in reply.entries
+        ]
+
+    def local_path(self, info: ObjectInfo) -> str | None:
+        """The node's file of a complete object, when this host sees that very file."""
+        if not info.complete or not info.local_path:
+            return None
+        try:
+            st = os.stat(info.local_path)
+        except OSError:
+            return None
+        if st.st_ino != info.inode or st.st_size != info.size:
+            return None
+        return info.local_path
+
+    def read(self, info: ObjectInfo, start: int, end: int) -> bytes:
+        end = min(end, info.size)
+        if end <= start:
+            return b""
+        chunks = list(self._read_chunks(info, start, end - start))
+        received = sum(len(c) for c in chunks)
+        if received != end - start:
+            raise IntegrityError(
+                f"{info.url}: the node sent {received} of {end - start} bytes; read again"
+            )
+        return b"".join(chunks)
+
+    def readinto(self, info: ObjectInfo, start: int, into: memoryview) -> None:
+        position = 0
+        for data in self._read_chunks(info, start, len(into)):
+            size = len(data)
+            if position + size > len(into):
+                raise IntegrityError(f"{info.url}: the node sent more bytes than asked for")
+            into[position : position + size] = data
+            position += size
+        if position != len(into):
+            raise IntegrityError(
+                f"{info.url}: the node sent {position} of {len(into)} bytes; read again"
+            )
+
+    def _read_chunks(self, info: ObjectInfo, start: int, length: int) -> Iterator[bytes]:
+        request = pb.ReadRequest(
+            url=info.handle or info.url,
+            version=info.version,
+            size=info.size,
+            offset=start,
+            length=length,
+            chunk_size=CHUNK_SIZE,
+        )
+        for chunk in self._stream("Read", request, self._stream_timeout(length)):
+            yield chunk.data
+
+    def _stream_timeout(self, length: int) -> float:
+        return self.timeout + length / _SLOWEST_RATE
+
+    def open_local(self, url: str) -> str:
+        info = self.stat(url)
+        if not info.complete:
+            self.prefetch([url])
+            info = self.stat(url)
+        path = self.local_path(info)
+        if path is None:
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"{info.url} is cached by the node at {self.endpoint}, but its file "
+                f"({info.local_path}) is not visible on this host; mount the node's cache "
+                "root at the same path, or read through open()",
+            )
+        return path
+
+    # -- prefetch and management -----------------------------------------------------
+
+    def prefetch(
+        self,
+        sources: Sequence[str],
+        pin: str | None = None,
+        tier: str | None = None,
+        progress: Callable[[JobStatus], None] | None = None,
+        detach: bool = False,
+    ) -> JobStatus:
+        started = _job_status(
+            self._call(
+                "Prefetch",
+                pb.PrefetchRequest(sources=list(sources), pin_holder=pin or "", tier=tier or ""),
+            )
+        )
+        if detach:
+            return started
+        return self.wait(started.id, progress)
+
+    def wait(self, job_id: str, progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
+        """Follow a job to its end; raise its error if it failed."""
+        last: JobStatus | None = None
+        while last is None or not last.finished:
+            try:
+                for message in self._stream("WatchJob", pb.JobRef(id=job_id), 24 * 3600.0):
+                    last = _job_status(message)
+                    if progress is not None:
+                        progress(last)
+            except TimeoutError:
+                continue  # a day-long job: watch again
+        if last.state in ("failed", "cancelled"):
+            raise rebuild(last.error_kind or "", last.error or f"the prefetch {last.state}")
+        return last
+
+    def cached(self, source: str | None = None) -> list[CachedEntry]:
+        reply = self._call("List", pb.ListRequest(url=source or "", cached=True))
+        return [
+            CachedEntry(
+                url=e.name,
+                version=e.version,
+                size=e.size,
+                cached_bytes=e.cached_bytes,
+                tier=e.tier,
+                complete=e.complete,
+                pinned_by=tuple(e.pinned_by),
+                id=e.id,
+            )
+            for e in reply.entries
+        ]
+
+    def evict(self, sources: Sequence[str]) -> tuple[int, int]:
+        reply = self._call("Evict", pb.EvictRequest(sources=list(sources)))
+        return reply.objects, reply.bytes
+
+    def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
+        return self._call("Unpin", pb.UnpinRequest(holder=holder, sources=list(sources))).objects
+
+    def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> str:
+        """Build (or find) ``holder``'s view of ``sources`` on the node: its path there."""
+        request = pb.ViewRequest(holder=holder, sources=list(sources), tier=tier or "")
+        return self._call("View", request, timeout=24 * 3600.0).path
+
+    def status(self) -> dict[str, Any]:
+        reply = self._call("Status", pb.StatusRequest())
+        served = dict(reply.served_bytes)
+        total = sum(served.values())
+        return {
+            "node_id": reply.node_id,
+            "tiers": [
+                {
+                    "name": t.name,
+                    "medium": t.medium,
+                    "path": t.path,
+                    "quota": t.quota,
+                    "used": t.used,
+                    "pinned": t.pinned,
+                    "objects": t.objects,
+                    "evictions": t.evictions,
+                }
+                for t in reply.tiers
+            ],
+            "pins": dict(reply.pins),
+            "jobs": [vars(_job_status(j)) for j in reply.jobs],
+            "served_bytes": served,
+            "hits": reply.hits,
+            "misses": reply.misses,
+            "hit_ratio": served.get("local", 0) / total if total else None,
+            "fetched_bytes": reply.fetched_bytes,
+            "rpcs": dict(reply.rpcs),
+            "uptime_seconds": reply.uptime_seconds,
+        }
+
+
+def _job_status(message: pb.JobStatus) -> JobStatus:
+    return JobStatus(
+        id=message.id,
+        state=JOB_STATES[message.state - 1] if message.state else "running",
+        sources=tuple(message.sources),
+        pin_holder=message.pin_holder or None,
+        bytes_total=message.bytes_total,
+        bytes_done=message.bytes_done,
+        objects_total=message.objects_total,
+        objects_done=message.objects_done,
+        fetched_bytes=message.fetched_bytes,
+        cached_before=message.cached_before,
+        evicted_during=message.evicted_during,
+        seconds=message.seconds,
+        error=message.error or None,
+        error_kind=message.error_kind or None,
+    )
+
+
+def close_clients() -> None:
+    """Close this process's node channels (a later call opens new ones)."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        client.close()

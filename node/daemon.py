@@ -1,0 +1,212 @@
+"""``cachefs node``: the engine as a long-lived daemon, serving the gRPC API.
+
+Two listeners share one servicer: a unix socket for local clients (its file mode and
+group decide who connects) and, when an address is given, TCP for remote clients
+and peers, which must present the shared token (and speak TLS when a certificate is
+configured). The standard health service answers on both, without a token. SIGTERM
+or SIGINT drain: health turns NOT_SERVING, new calls are refused, calls in flight
+get ``shutdown_grace`` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cachefs.auth import read_token
+from cachefs.proto import cachefs_pb2_grpc as pb_grpc
+from node.auth import TokenInterceptor
+from node.config import Config
+from node.engine import Engine
+from node.metrics import NodeCollector, serve_metrics
+from node.server import MAX_CHUNK, CacheServicer, node_id_default
+
+log = logging.getLogger("cachefs.node")
+SERVICE_NAME = "cachefs.v1.Cache"
+_MESSAGE_OVERHEAD = 64 * 1024
+
+
+@dataclass
+class Listeners:
+    socket: str | None
+    address: str | None
+    metrics_address: str | None
+
+
+def default_socket() -> str:
+    if os.geteuid() == 0:
+        return "/run/cachefs/cachefs.sock"
+    import platformdirs
+
+    return str(Path(platformdirs.user_runtime_dir("cachefs")) / "cachefs.sock")
+
+
+def server_options(config: Config) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", config.server.max_request_bytes),
+        ("grpc.max_send_message_length", MAX_CHUNK + _MESSAGE_OVERHEAD),
+        # Clients ping every 10 s to notice a dead node: allow it, even between calls.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Node:
+    """One running daemon: engine, servicer, listeners, metrics endpoint."""
+
+    def __init__(self, config: Config, listeners: Listeners) -> None:
+        self.config = config
+        self.engine = Engine(config)
+        self.servicer = CacheServicer(self.engine, config.server.node_id or node_id_default())
+        self.health = health.HealthServicer()
+        self.servers: list[grpc.Server] = []
+        self.bound: dict[str, str] = {}
+        self._metrics_server: Any = None
+        self._socket: Path | None = None
+        self._stopped = threading.Event()
+        try:
+            self._listen(listeners)
+        except BaseException:
+            self.stop(0)
+            raise
+
+    def _server(self, interceptors: list[grpc.ServerInterceptor]) -> grpc.Server:
+        server = grpc.server(
+            ThreadPoolExecutor(self.config.server.workers, thread_name_prefix="cachefs-rpc"),
+            interceptors=interceptors,
+            options=server_options(self.config),
+            maximum_concurrent_rpcs=self.config.server.workers * 4,
+        )
+        pb_grpc.add_CacheServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.servers.append(server)
+        return server
+
+    def _listen(self, listeners: Listeners) -> None:
+        server_config = self.config.server
+        if listeners.socket:
+            path = Path(listeners.socket)
+            _prepare_socket_path(path)
+            server = self._server([])
+            previous = os.umask(0o177)  # no moment in which others may connect
+            try:
+                server.add_insecure_port(f"unix://{path}")
+                server.start()
+            finally:
+                os.umask(previous)
+            self._socket = path
+            _secure_socket(path, server_config.socket_mode, server_config.socket_group)
+            self.bound["socket"] = f"unix://{path}"
+        if listeners.address:
+            token = read_token()
+            if token is None:
+                raise PermissionError(
+                    f"TCP clients ({listeners.address}) must present a shared token: set "
+                    "CACHEFS_TOKEN or CACHEFS_TOKEN_FILE for the node and its clients"
+                )
+            server = self._server([TokenInterceptor(token)])
+            if server_config.tls_cert and server_config.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(_read_pem(server_config.tls_key), _read_pem(server_config.tls_cert))]
+                )
+                port = server.add_secure_port(listeners.address, credentials)
+            else:
+                port = server.add_insecure_port(listeners.address)
+            if port == 0:
+                raise OSError(f"cannot listen on {listeners.address}: in use or not an address")
+            server.start()
+            host = listeners.address.rpartition(":")[0]
+            self.bound["address"] = f"{host}:{port}"
+        if listeners.metrics_address:
+            collector = NodeCollector(self.engine, self.servicer.jobs, self.servicer.calls)
+            self._metrics_server, port = serve_metrics(listeners.metrics_address, collector)
+            host = listeners.metrics_address.rpartition(":")[0]
+            self.bound["metrics_address"] = f"{host}:{port}"
+        if not self.servers:
+            raise ValueError("the node listens nowhere: give a socket path or an address")
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let calls in flight finish within ``grace`` seconds."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.server.shutdown_grace if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self.servicer.jobs.shutdown()
+        log.info("draining: new calls are refused, %d s for calls in flight", grace)
+        events = [server.stop(grace) for server in self.servers]
+        for event in events:
+            event.wait()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self._socket is not None:
+            self._socket.unlink(missing_ok=True)
+        self.engine.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def run(config: Config, listeners: Listeners) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; the exit status."""
+    node = Node(config, listeners)
+    log.info("serving", extra={"node_id": node.servicer.node_id, **node.bound})
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping.wait(1.0):
+        pass
+    node.stop()
+    return 0
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Make the socket's directory, and clear a stale socket a dead node left."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o755)
+    if path.exists() or path.is_symlink():
+        import socket
+
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: a dead node's socket
+        else:
+            raise OSError(f"another node already listens on {path}; stop it or pick --socket")
+        finally:
+            probe.close()
+
+
+def _secure_socket(path: Path, mode: int, group: str | None) -> None:
+    if group is not None:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+
+
+def _read_pem(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read TLS file {path}: {exc.strerror}") from None

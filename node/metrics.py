@@ -1,0 +1,155 @@
+"""The node's Prometheus metrics, read from the engine and the server at scrape time.
+
+Nothing is counted twice: the collector turns ``EngineStats``, the store's tier usage,
+the jobs and the server's call counters into metric families when Prometheus scrapes
+``/metrics``. Labels are fixed words (sources, tiers, methods, error kinds), never
+URLs or anything a client sent.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from node.stats import LATENCY_BUCKETS
+
+
+class CallStats:
+    """What the gRPC server answered: calls by method and code, errors by kind."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: Counter[tuple[str, str]] = Counter()
+        self.errors: Counter[str] = Counter()
+
+    def record(self, method: str, code: str, error_kind: str | None) -> None:
+        with self._lock:
+            self.calls[(method, code)] += 1
+            if error_kind:
+                self.errors[error_kind] += 1
+
+    def by_method(self) -> dict[str, int]:
+        with self._lock:
+            totals: Counter[str] = Counter()
+            for (method, _code), count in self.calls.items():
+                totals[method] += count
+            return dict(totals)
+
+    def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        with self._lock:
+            return dict(self.calls), dict(self.errors)
+
+
+class NodeCollector:
+    """A prometheus_client collector over one node's engine, jobs and server."""
+
+    def __init__(self, engine: Any, jobs: Any, calls: CallStats) -> None:
+        self._engine, self._jobs, self._calls = engine, jobs, calls
+
+    def describe(self) -> list[Any]:
+        return []  # unchecked collector: families are built per scrape
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        stats = self._engine.stats.snapshot()
+        served = CounterMetricFamily(
+            "cachefs_served_bytes", "Bytes served to readers, by source", labels=["source"]
+        )
+        for source in ("local", "origin"):
+            served.add_metric([source], stats["served_bytes"].get(source, 0))
+        yield served
+        yield CounterMetricFamily(
+            "cachefs_hits", "Block reads served from the store", value=stats["hits"]
+        )
+        yield CounterMetricFamily(
+            "cachefs_misses", "Block reads that waited for a fill", value=stats["misses"]
+        )
+        yield CounterMetricFamily(
+            "cachefs_origin_fetched_bytes",
+            "Bytes fetched from origins",
+            value=stats["fetched_bytes"],
+        )
+        yield CounterMetricFamily(
+            "cachefs_uncached_bytes",
+            "Bytes served without caching (no room in any tier)",
+            value=stats["uncached_bytes"],
+        )
+
+        usage = self._engine.store.usage()
+        gauges = {
+            "used": ("cachefs_tier_used_bytes", "Bytes a tier's objects take"),
+            "quota": ("cachefs_tier_quota_bytes", "A tier's byte quota"),
+            "pinned": ("cachefs_tier_pinned_bytes", "Bytes of pinned objects in a tier"),
+            "objects": ("cachefs_tier_objects", "Objects in a tier"),
+        }
+        for attribute, (name, help_text) in gauges.items():
+            family = GaugeMetricFamily(name, help_text, labels=["tier", "medium"])
+            for tier in usage:
+                family.add_metric([tier.name, tier.medium], getattr(tier, attribute))
+            yield family
+        evictions = CounterMetricFamily(
+            "cachefs_evictions", "Objects evicted from a tier", labels=["tier"]
+        )
+        for tier in usage:
+            evictions.add_metric([tier.name], tier.evictions)
+        yield evictions
+
+        latency = HistogramMetricFamily(
+            "cachefs_origin_request_seconds",
+            "Origin request latency, by operation",
+            labels=["operation"],
+        )
+        for operation, histogram in sorted(self._engine.stats.latency().items()):
+            cumulative, buckets = 0, []
+            bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
+            for bound, count in zip(bounds, histogram.counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric([operation], buckets, histogram.total)
+        yield latency
+
+        calls, call_errors = self._calls.snapshot()
+        errors = CounterMetricFamily(
+            "cachefs_errors", "Errors, by kind (origin requests and node calls)", labels=["kind"]
+        )
+        kinds: Counter[str] = Counter(stats["origin_errors"])
+        kinds.update(call_errors)
+        for kind, count in sorted(kinds.items()):
+            errors.add_metric([kind], count)
+        yield errors
+        rpcs = CounterMetricFamily(
+            "cachefs_rpcs", "gRPC calls answered, by method and code", labels=["method", "code"]
+        )
+        for (method, code), count in sorted(calls.items()):
+            rpcs.add_metric([method, code], count)
+        yield rpcs
+
+        jobs = GaugeMetricFamily("cachefs_jobs", "Prefetch jobs known, by state", labels=["state"])
+        states = Counter(job.state for job in self._jobs.jobs())
+        for state in ("running", "succeeded", "failed", "cancelled"):
+            jobs.add_metric([state], states.get(state, 0))
+        yield jobs
+
+
+def serve_metrics(address: str, collector: NodeCollector) -> tuple[Any, int]:
+    """Serve ``/metrics`` on ``address`` (host:port, port 0 picks one): (server, port)."""
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+    except ImportError:
+        raise RuntimeError(
+            "the metrics endpoint needs prometheus_client: pip install 'cachefs[node]'"
+        ) from None
+    host, _, port = address.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]
+    server, _thread = start_http_server(
+        int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
+    )
+    return server, server.server_address[1]

@@ -1,0 +1,118 @@
+"""A real ``cachefs node`` process for tests: started, watched, signalled, killed.
+
+The node runs as ``python -m cachefs.cli node`` in its own process group with the
+test's environment (so it sees the S3 fixture's endpoint and credentials). Its JSON
+log lines are collected; the ``serving`` line says where it listens, and readiness is
+polled with a deadline, never slept for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from servers import wait_for
+
+TOKEN = "test-token-4b1d"
+
+
+class NodeProcess:
+    def __init__(
+        self,
+        cache_dir: Path,
+        socket_path: Path,
+        tcp: bool = True,
+        metrics: bool = True,
+        token: str | None = TOKEN,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.socket_path = socket_path
+        argv = [
+            sys.executable,
+            "-m",
+            "cachefs.cli",
+            "node",
+            "--socket",
+            str(socket_path),
+            *(["--cache-dir", str(cache_dir)] if config is None else ["--config", str(config)]),
+            *(["--address", "127.0.0.1:0"] if tcp else []),
+            *(["--metrics-address", "127.0.0.1:0"] if metrics else []),
+            *extra_args,
+        ]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
+        if token is not None:
+            environment["CACHEFS_TOKEN"] = token
+        environment.update(env or {})
+        self.argv = argv
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            argv,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        self.serving: dict[str, Any] = {}
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def records(self) -> list[dict[str, Any]]:
+        """The JSON log records so far (every line must be one)."""
+        return [json.loads(line) for line in list(self.lines)]
+
+    def wait_ready(self, timeout: float = 30.0) -> NodeProcess:
+        def ready() -> dict[str, Any] | None:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"node exited with {self.process.returncode}: " + "\n".join(self.lines)
+                )
+            for line in list(self.lines):
+                if '"serving"' in line:
+                    return json.loads(line)
+            return None
+
+        self.serving = wait_for(ready, timeout=timeout, message="the node to serve")
+        return self
+
+    @property
+    def unix_endpoint(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def tcp_endpoint(self) -> str:
+        return self.serving["address"]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.serving['metrics_address']}/metrics"
+
+    def signal(self, signum: int) -> None:
+        os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        """kill -9 of the node and anything it started."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
