@@ -90,6 +90,30 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--address", help="HOST:PORT for TCP clients (needs CACHEFS_TOKEN)")
     node.add_argument("--metrics-address", help="HOST:PORT of the Prometheus endpoint")
     node.add_argument("--node-id", help="this node's name (default: the host name)")
+
+    plugin = commands.add_parser(
+        "csi",
+        parents=[common],
+        help="run the CSI node plugin",
+        description="Serve the CSI Identity and Node services; volumes come from the node "
+        "at --endpoint (CACHEFS_ENDPOINT).",
+    )
+    plugin.add_argument(
+        "--csi-endpoint",
+        help="unix:///path.sock kubelet calls (CSI_ENDPOINT; unix:///csi/csi.sock)",
+    )
+    plugin.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="an origin prefix volumes may name (repeatable; adds to csi.allow)",
+    )
+    plugin.add_argument("--node-id", help="the Kubernetes node name (NODE_NAME)")
+    plugin.add_argument("--state-dir", help="where published volumes are recorded")
+    plugin.add_argument(
+        "--publish-timeout", type=float, help="seconds a publish waits for the prefetch"
+    )
     return parser
 
 
@@ -262,6 +286,36 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _csi(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from node import logs
+
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
+    from pathlib import Path
+
+    from csi.allow import AllowRule
+    from csi.plugin import DEFAULT_CSI_ENDPOINT, DEFAULT_NODE_ENDPOINT, PluginSettings, run
+    from node.config import load_config
+
+    config = load_config(args.config).csi
+    rules = [AllowRule.parse(rule.prefix, rule.namespaces) for rule in config.allow]
+    rules += [AllowRule.parse(prefix) for prefix in args.allow]
+    node_id = args.node_id or os.environ.get("NODE_NAME")
+    if not node_id:
+        raise ValueError(
+            "the CSI plugin needs the Kubernetes node name: set NODE_NAME or --node-id"
+        )
+    settings = PluginSettings(
+        csi_endpoint=args.csi_endpoint or os.environ.get("CSI_ENDPOINT") or DEFAULT_CSI_ENDPOINT,
+        node_endpoint=args.endpoint or os.environ.get("CACHEFS_ENDPOINT") or DEFAULT_NODE_ENDPOINT,
+        node_id=node_id,
+        rules=tuple(rules),
+        state_dir=Path(args.state_dir or config.state_dir),
+        publish_timeout=args.publish_timeout or config.publish_timeout,
+    )
+    return run(settings)
+
+
 def _node(args: argparse.Namespace) -> int:
     # gRPC's core writes its own lines to stderr (a failed TLS handshake of any client):
     # only errors, so that the log stays JSON lines in all but grave cases.
@@ -299,9 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         args.__dict__.setdefault(name, default)
     out, err = sys.stdout, sys.stderr
-    if args.command == "node":
+    if args.command in ("node", "csi"):
         try:
-            return _node(args)
+            return _node(args) if args.command == "node" else _csi(args)
         except Exception as exc:  # a node that cannot start: one line, non-zero exit
             err.write(f"cachefs: error: {_one_line(exc)}\n")
             return EXIT_FAILURE

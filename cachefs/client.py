@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ DEFAULT_TIMEOUT = 60.0
 # Streams get longer: the base deadline plus the time to move the bytes at this rate.
 _SLOWEST_RATE = 20 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
+_DAY = 24 * 3600.0
 _MAX_MESSAGE = 4 * 1024 * 1024 + 64 * 1024
 _ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 _clients: dict[tuple[int, str, float, str | None, str | None], NodeClient] = {}
@@ -166,6 +168,10 @@ class NodeClient:
             # Connections of this channel only: a forked child must never pick up a
             # connection its parent opened (gRPC shares them process-wide otherwise).
             ("grpc.use_local_subchannel_pool", 1),
+            # A node that restarts is back within seconds: retry connecting that fast.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
         self._metadata = metadata(self._token) if self.tcp and self._token else ()
         if self.tcp:
@@ -344,17 +350,34 @@ class NodeClient:
             return started
         return self.wait(started.id, progress)
 
-    def wait(self, job_id: str, progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
-        """Follow a job to its end; raise its error if it failed."""
+    def job(self, job_id: str) -> JobStatus | None:
+        """A job's latest status, or None when the node does not know it (restarted)."""
+        reply = self._call("Status", pb.StatusRequest())
+        return next((_job_status(j) for j in reply.jobs if j.id == job_id), None)
+
+    def wait(
+        self,
+        job_id: str,
+        progress: Callable[[JobStatus], None] | None = None,
+        timeout: float | None = None,
+    ) -> JobStatus:
+        """Follow a job to its end and return its final status; raise its error if it
+        failed. With ``timeout``, return the latest status once that many seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         last: JobStatus | None = None
         while last is None or not last.finished:
+            left = _DAY if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                for message in self._stream("WatchJob", pb.JobRef(id=job_id), 24 * 3600.0):
+                for message in self._stream("WatchJob", pb.JobRef(id=job_id), left):
                     last = _job_status(message)
                     if progress is not None:
                         progress(last)
             except TimeoutError:
-                continue  # a day-long job: watch again
+                continue  # the deadline, or a day-long job: watch again or return
+        if last is None:
+            raise TimeoutError(errno.ETIMEDOUT, f"job {job_id} sent no status within {timeout:g}s")
         if last.state in ("failed", "cancelled"):
             raise rebuild(last.error_kind or "", last.error or f"the prefetch {last.state}")
         return last
@@ -385,7 +408,7 @@ class NodeClient:
     def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> str:
         """Build (or find) ``holder``'s view of ``sources`` on the node: its path there."""
         request = pb.ViewRequest(holder=holder, sources=list(sources), tier=tier or "")
-        return self._call("View", request, timeout=24 * 3600.0).path
+        return self._call("View", request, timeout=_DAY).path
 
     def status(self) -> dict[str, Any]:
         reply = self._call("Status", pb.StatusRequest())

@@ -1,5 +1,4 @@
-"""The cachefs CSI node plugin (Identity and Node services).
+"""The cachefs CSI node plugin (Identity and Node services), run as ``cachefs csi``.
 
-Kubernetes mounts a cachefs view into a pod through this plugin; see
-``docs/architecture.md``.
+Kubernetes mounts a cachefs view into a pod through this plugin; see ``docs/csi.md``.
 """

@@ -75,6 +75,23 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class AllowConfig:
+    """A prefix CSI volumes may name; ``namespaces`` empty means every namespace."""
+
+    prefix: str
+    namespaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CsiConfig:
+    """What ``cachefs csi`` lets volumes name, and how long a publish waits."""
+
+    allow: tuple[AllowConfig, ...] = ()
+    publish_timeout: float = 60.0  # below kubelet's two-minute operation timeout
+    state_dir: str = "/var/lib/cachefs/csi"
+
+
+@dataclass(frozen=True)
 class Config:
     tiers: tuple[TierConfig, ...]
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -85,6 +102,7 @@ class Config:
     origins: tuple[OriginConfig, ...] = ()
     retry: RetryConfig = field(default_factory=RetryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    csi: CsiConfig = field(default_factory=CsiConfig)
 
     def options_for(self, canonical_url: str) -> dict[str, Any]:
         """Configured storage options of the longest matching origin prefix."""
@@ -167,6 +185,7 @@ _KNOWN_KEYS = {
     "origins",
     "retry",
     "server",
+    "csi",
 }
 
 
@@ -186,6 +205,7 @@ def _build(raw: dict[str, Any]) -> Config:
         }
     )
     server = _build_server(raw.get("server") or {})
+    csi = _build_csi(raw.get("csi") or {})
     block_size = parse_size(raw.get("block_size", DEFAULT_BLOCK_SIZE))
     if block_size < 4096 or block_size % 4096:
         raise ValueError(f"block_size must be a multiple of 4 KiB, at least 4 KiB: {block_size}")
@@ -207,6 +227,34 @@ def _build(raw: dict[str, Any]) -> Config:
         origins=origins,
         retry=retry,
         server=server,
+        csi=csi,
+    )
+
+
+def _build_csi(raw: Any) -> CsiConfig:
+    if not isinstance(raw, dict):
+        raise ValueError("config key 'csi' must be a mapping")
+    for key in raw:
+        _check_key("csi", key, CsiConfig)
+    rules = []
+    for index, item in enumerate(raw.get("allow") or ()):
+        if isinstance(item, str):
+            rules.append(AllowConfig(item))
+            continue
+        _check_entry("csi.allow", index, item, {"prefix", "namespaces"}, "prefix")
+        rules.append(
+            AllowConfig(str(item["prefix"]), tuple(map(str, item.get("namespaces") or ())))
+        )
+    timeout = float(raw.get("publish_timeout", CsiConfig.publish_timeout))
+    if not 1 <= timeout <= 110:
+        raise ValueError(
+            f"csi.publish_timeout must be between 1 and 110 seconds (kubelet gives up "
+            f"after 120): {timeout}"
+        )
+    return CsiConfig(
+        allow=tuple(rules),
+        publish_timeout=timeout,
+        state_dir=str(raw.get("state_dir", CsiConfig.state_dir)),
     )
 
 

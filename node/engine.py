@@ -119,19 +119,23 @@ class Engine:
     def pinned(self, url: str, version: str) -> ObjectRef:
         """``url`` at ``version``: the pin of a reader that stat'ed it earlier.
 
-        A version this engine no longer knows and the origin no longer has is a
-        VersionChangedError: its bytes cannot be fetched any more.
+        A version handed out recently is served as it is (its fills carry its ETag,
+        so an origin that changed since answers VersionChangedError, never other
+        bytes); an unknown one must still be the origin's current version.
         """
-        current = self.stat(url)
-        if not version or current.version == version:
-            return current
+        if not version:
+            return self.stat(url)
+        parsed = parse_url(url)
         with self._refs_lock:
-            known = self._known_refs.get(object_id(current.canonical, version))
+            known = self._known_refs.get(object_id(parsed.canonical, version))
         if known is not None:
-            return dataclasses.replace(known, url=current.url)
-        raise VersionChangedError(
-            current.canonical, version, f"the origin now has version {current.version}"
-        )
+            return dataclasses.replace(known, url=parsed)
+        current = self.stat(url)
+        if current.version != version:
+            raise VersionChangedError(
+                current.canonical, version, f"the origin now has version {current.version}"
+            )
+        return current
 
     def _remember(self, ref: ObjectRef, now: float) -> None:
         self._stat_cache[ref.canonical] = (now, ref)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import NodeProcess
+from daemon import CsiProcess, NodeProcess
 from servers import (
     AWS_ENV_TO_CLEAR,
     NOBODY_GID,
@@ -216,3 +216,33 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     from cachefs.client import close_clients
 
     close_clients()  # no test's channel outlives its node
+
+
+@pytest.fixture
+def start_csi(tmp_path: Path) -> Iterator[Callable[..., CsiProcess]]:
+    """Factory of real ``cachefs csi`` processes on a socket under ``tmp_path``; at
+    teardown they are killed and every mount left under ``tmp_path`` is undone."""
+    plugins: list[CsiProcess] = []
+
+    def start(node_endpoint: str, **kwargs: Any) -> CsiProcess:
+        plugin = CsiProcess(
+            kwargs.pop("socket_path", tmp_path / "csi.sock"),
+            node_endpoint,
+            kwargs.pop("state_dir", tmp_path / "csi-state"),
+            **kwargs,
+        )
+        plugins.append(plugin)
+        return plugin.wait_ready()
+
+    yield start
+    for plugin in plugins:
+        plugin.kill()
+    for target in reversed(mounts_under(tmp_path)):
+        subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def mounts_under(root: Path) -> list[str]:
+    prefix = os.path.realpath(root) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split(" ")[4].replace("\\040", " ") for line in f]
+    return [p for p in points if p.startswith(prefix)]

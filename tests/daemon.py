@@ -1,8 +1,9 @@
-"""A real ``cachefs node`` process for tests: started, watched, signalled, killed.
+"""Real ``cachefs node`` and ``cachefs csi`` processes for tests: started, watched,
+signalled, killed.
 
-The node runs as ``python -m cachefs.cli node`` in its own process group with the
-test's environment (so it sees the S3 fixture's endpoint and credentials). Its JSON
-log lines are collected; the ``serving`` line says where it listens, and readiness is
+Each runs as ``python -m cachefs.cli ...`` in its own process group with the test's
+environment (so a node sees the S3 fixture's endpoint and credentials). Its JSON log
+lines are collected; the ``serving`` line says where it listens, and readiness is
 polled with a deadline, never slept for.
 """
 
@@ -22,32 +23,13 @@ from servers import wait_for
 TOKEN = "test-token-4b1d"
 
 
-class NodeProcess:
+class CachefsProcess:
+    """A ``cachefs`` command running in the background, its log collected."""
+
     def __init__(
-        self,
-        cache_dir: Path,
-        socket_path: Path,
-        tcp: bool = True,
-        metrics: bool = True,
-        token: str | None = TOKEN,
-        config: Path | None = None,
-        env: dict[str, str] | None = None,
-        extra_args: tuple[str, ...] = (),
+        self, args: list[str], token: str | None = TOKEN, env: dict[str, str] | None = None
     ) -> None:
-        self.cache_dir = cache_dir
-        self.socket_path = socket_path
-        argv = [
-            sys.executable,
-            "-m",
-            "cachefs.cli",
-            "node",
-            "--socket",
-            str(socket_path),
-            *(["--cache-dir", str(cache_dir)] if config is None else ["--config", str(config)]),
-            *(["--address", "127.0.0.1:0"] if tcp else []),
-            *(["--metrics-address", "127.0.0.1:0"] if metrics else []),
-            *extra_args,
-        ]
+        argv = [sys.executable, "-m", "cachefs.cli", *args]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
         if token is not None:
             environment["CACHEFS_TOKEN"] = token
@@ -76,19 +58,61 @@ class NodeProcess:
         """The JSON log records so far (every line must be one)."""
         return [json.loads(line) for line in list(self.lines)]
 
-    def wait_ready(self, timeout: float = 30.0) -> NodeProcess:
+    def wait_ready(self, timeout: float = 30.0) -> Any:
         def ready() -> dict[str, Any] | None:
             if self.process.poll() is not None:
                 raise AssertionError(
-                    f"node exited with {self.process.returncode}: " + "\n".join(self.lines)
+                    f"{self.argv[3]} exited with {self.process.returncode}: "
+                    + "\n".join(self.lines)
                 )
             for line in list(self.lines):
                 if '"serving"' in line:
                     return json.loads(line)
             return None
 
-        self.serving = wait_for(ready, timeout=timeout, message="the node to serve")
+        self.serving = wait_for(ready, timeout=timeout, message=f"{self.argv[3]} to serve")
         return self
+
+    def signal(self, signum: int) -> None:
+        os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        """kill -9 of the process and anything it started."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+
+class NodeProcess(CachefsProcess):
+    def __init__(
+        self,
+        cache_dir: Path,
+        socket_path: Path,
+        tcp: bool = True,
+        metrics: bool = True,
+        token: str | None = TOKEN,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.socket_path = socket_path
+        args = [
+            "node",
+            "--socket",
+            str(socket_path),
+            *(["--cache-dir", str(cache_dir)] if config is None else ["--config", str(config)]),
+            *(["--address", "127.0.0.1:0"] if tcp else []),
+            *(["--metrics-address", "127.0.0.1:0"] if metrics else []),
+            *extra_args,
+        ]
+        super().__init__(args, token, env)
 
     @property
     def unix_endpoint(self) -> str:
@@ -102,17 +126,32 @@ class NodeProcess:
     def metrics_url(self) -> str:
         return f"http://{self.serving['metrics_address']}/metrics"
 
-    def signal(self, signum: int) -> None:
-        os.killpg(self.process.pid, signum)
 
-    def kill(self) -> None:
-        """kill -9 of the node and anything it started."""
-        if self.process.poll() is None:
-            self.signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self._reader.join(timeout=10)
-
-    def wait_exit(self, timeout: float = 60.0) -> int:
-        code = self.process.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        return code
+class CsiProcess(CachefsProcess):
+    def __init__(
+        self,
+        socket_path: Path,
+        node_endpoint: str,
+        state_dir: Path,
+        allow: tuple[str, ...] = (),
+        publish_timeout: float = 10.0,
+        node_id: str = "node-1",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.socket_path = socket_path
+        args = [
+            "csi",
+            "--csi-endpoint",
+            f"unix://{socket_path}",
+            "--endpoint",
+            node_endpoint,
+            "--node-id",
+            node_id,
+            "--state-dir",
+            str(state_dir),
+            "--publish-timeout",
+            str(publish_timeout),
+            *[arg for prefix in allow for arg in ("--allow", prefix)],
+            *extra_args,
+        ]
+        super().__init__(args, token=None)

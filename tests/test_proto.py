@@ -33,4 +33,5 @@ def test_the_check_notices_a_drift(tmp_path, monkeypatch) -> None:
             (REPO_ROOT / "cachefs" / "proto" / f"cachefs{suffix}").read_bytes()
         )
     monkeypatch.setattr(generate, "ROOT", tmp_path)
+    monkeypatch.setattr(generate, "PROTOS", ("cachefs/proto/cachefs.proto",))
     assert "cachefs/proto/cachefs_pb2.py" in generate.drifted()

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTOS = ("cachefs/proto/cachefs.proto",)
+PROTOS = ("cachefs/proto/cachefs.proto", "csi/proto/csi.proto")
 OUTPUTS = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 
 
@@ -26,6 +26,9 @@ def generate(out_dir: Path) -> None:
                 "grpc_tools.protoc",
                 "-I",
                 str(ROOT),
+                # The well-known types grpcio-tools ships (google/protobuf/wrappers.proto).
+                "-I",
+                str(Path(protoc.__file__).parent / "_proto"),
                 f"--python_out={out_dir}",
                 f"--pyi_out={out_dir}",
                 f"--grpc_python_out={out_dir}",
