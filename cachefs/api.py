@@ -52,6 +52,8 @@ class JobStatus:
     seconds: float = 0.0
     error: str | None = None
     error_kind: str | None = None
+    nodes_total: int = 0  # a cluster prefetch: members it runs on, and those done
+    nodes_done: int = 0
 
     @property
     def elapsed(self) -> float:
@@ -104,8 +106,10 @@ class CacheClient(Protocol):
         tier: str | None = None,
         progress: Callable[[JobStatus], None] | None = None,
         detach: bool = False,
+        cluster: bool = False,
     ) -> JobStatus:
-        """Fetch every object of ``sources``; the final status (or the first, detached)."""
+        """Fetch every object of ``sources``; the final status (or the first, detached).
+        ``cluster``: onto every node of the node's cluster."""
 
     def cached(self, source: str | None = None) -> list[CachedEntry]: ...
 

@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         "--holder", default=None, help="name of the pin's holder (default: user:<login name>)"
     )
     prefetch.add_argument("--tier", help="tier to place new objects in (e.g. memory, disk)")
+    prefetch.add_argument(
+        "--cluster",
+        action="store_true",
+        help="onto every node of the node's cluster (the origin serves each block once)",
+    )
     waiting = prefetch.add_mutually_exclusive_group()
     waiting.add_argument(
         "--wait", action="store_true", default=True, help="wait until done (the default)"
@@ -90,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--address", help="HOST:PORT for TCP clients (needs CACHEFS_TOKEN)")
     node.add_argument("--metrics-address", help="HOST:PORT of the Prometheus endpoint")
     node.add_argument("--node-id", help="this node's name (default: the host name)")
+    node.add_argument(
+        "--peers",
+        help="HOST:PORT,... of every node of a static cluster (this one included)",
+    )
 
     plugin = commands.add_parser(
         "csi",
@@ -166,7 +175,12 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     try:
         result = client.prefetch(
-            args.sources, pin=holder, tier=args.tier, progress=on_progress, detach=args.detach
+            args.sources,
+            pin=holder,
+            tier=args.tier,
+            progress=on_progress,
+            detach=args.detach,
+            cluster=args.cluster,
         )
     finally:
         if bar is not None:

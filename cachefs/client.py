@@ -339,16 +339,20 @@ class NodeClient:
         tier: str | None = None,
         progress: Callable[[JobStatus], None] | None = None,
         detach: bool = False,
+        cluster: bool = False,
     ) -> JobStatus:
-        started = _job_status(
-            self._call(
-                "Prefetch",
-                pb.PrefetchRequest(sources=list(sources), pin_holder=pin or "", tier=tier or ""),
+        started = self.start_job(
+            pb.PrefetchRequest(
+                sources=list(sources), pin_holder=pin or "", tier=tier or "", cluster=cluster
             )
         )
         if detach:
             return started
         return self.wait(started.id, progress)
+
+    def start_job(self, request: pb.PrefetchRequest) -> JobStatus:
+        """Start a prefetch job as ``request`` describes it; its first status."""
+        return _job_status(self._call("Prefetch", request))
 
     def job(self, job_id: str) -> JobStatus | None:
         """A job's latest status, or None when the node does not know it (restarted)."""
@@ -410,6 +414,10 @@ class NodeClient:
         request = pb.ViewRequest(holder=holder, sources=list(sources), tier=tier or "")
         return self._call("View", request, timeout=_DAY).path
 
+    def fetch_block(self, request: pb.FetchBlockRequest, timeout: float) -> Iterator[Any]:
+        """A peer's block: BlockChunk messages (the first has checksum and length)."""
+        return self._stream("FetchBlock", request, timeout)
+
     def status(self) -> dict[str, Any]:
         reply = self._call("Status", pb.StatusRequest())
         served = dict(reply.served_bytes)
@@ -438,6 +446,7 @@ class NodeClient:
             "fetched_bytes": reply.fetched_bytes,
             "rpcs": dict(reply.rpcs),
             "uptime_seconds": reply.uptime_seconds,
+            "members": list(reply.members),
         }
 
 
@@ -457,6 +466,8 @@ def _job_status(message: pb.JobStatus) -> JobStatus:
         seconds=message.seconds,
         error=message.error or None,
         error_kind=message.error_kind or None,
+        nodes_total=message.nodes_total,
+        nodes_done=message.nodes_done,
     )
 
 

@@ -109,11 +109,12 @@ class EmbeddedClient:
         tier: str | None = None,
         progress: Callable[[JobStatus], None] | None = None,
         detach: bool = False,
+        cluster: bool = False,
     ) -> JobStatus:
-        if detach:
+        if detach or cluster:
             raise ValueError(
-                "--detach leaves a job running in a node: name one with --endpoint or "
-                "CACHEFS_ENDPOINT"
+                f"--{'detach' if detach else 'cluster'} needs a node (the job runs there): "
+                "name one with --endpoint or CACHEFS_ENDPOINT"
             )
 
         def on_progress(snapshot: Progress) -> None:

@@ -28,6 +28,7 @@ _RESERVED_ENV = {
     "CACHEFS_TOKEN_FILE",
     "CACHEFS_TLS_CA",
     "CACHEFS_TEST_CRASH_AT",
+    "CACHEFS_TEST_CORRUPT_PEER_BLOCKS",
 }
 
 
@@ -91,6 +92,29 @@ class CsiConfig:
     state_dir: str = "/var/lib/cachefs/csi"
 
 
+MEMBERSHIPS = ("none", "static", "dns", "kubernetes")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Who the other nodes are, and how a node asks them for blocks."""
+
+    membership: str = "none"  # none | static | dns | kubernetes
+    peers: tuple[str, ...] = ()  # static: host:port of every node (this one included)
+    self_address: str | None = None  # how peers reach this node; default: its TCP address
+    dns_name: str | None = None  # dns: a headless Service name
+    dns_port: int = 7070  # dns: the nodes' gRPC port
+    dns_resolver: str | None = None  # dns: "ip" or "ip:port"; default: the system's
+    refresh_interval: float = 10.0  # dns: seconds between resolutions
+    kubernetes_service: str = "cachefs"
+    kubernetes_namespace: str | None = None  # default: POD_NAMESPACE, else "default"
+    kubernetes_port_name: str = "grpc"
+    kubernetes_api_url: str | None = None  # default: in-cluster configuration
+    kubeconfig: str | None = None
+    peer_timeout: float = 30.0  # seconds a peer may take for one block
+    backoff: float = 30.0  # seconds a failing peer is avoided
+
+
 @dataclass(frozen=True)
 class Config:
     tiers: tuple[TierConfig, ...]
@@ -103,6 +127,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def options_for(self, canonical_url: str) -> dict[str, Any]:
         """Configured storage options of the longest matching origin prefix."""
@@ -186,6 +211,7 @@ _KNOWN_KEYS = {
     "retry",
     "server",
     "csi",
+    "cluster",
 }
 
 
@@ -206,6 +232,7 @@ def _build(raw: dict[str, Any]) -> Config:
     )
     server = _build_server(raw.get("server") or {})
     csi = _build_csi(raw.get("csi") or {})
+    cluster = _build_cluster(raw.get("cluster") or {})
     block_size = parse_size(raw.get("block_size", DEFAULT_BLOCK_SIZE))
     if block_size < 4096 or block_size % 4096:
         raise ValueError(f"block_size must be a multiple of 4 KiB, at least 4 KiB: {block_size}")
@@ -228,7 +255,40 @@ def _build(raw: dict[str, Any]) -> Config:
         retry=retry,
         server=server,
         csi=csi,
+        cluster=cluster,
     )
+
+
+def _build_cluster(raw: Any) -> ClusterConfig:
+    if not isinstance(raw, dict):
+        raise ValueError("config key 'cluster' must be a mapping")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        _check_key("cluster", key, ClusterConfig)
+        default = getattr(ClusterConfig, key)
+        if value is None:
+            values[key] = None
+        elif key == "peers":
+            items = value.split(",") if isinstance(value, str) else value
+            values[key] = tuple(str(p).strip() for p in items if str(p).strip())
+        elif isinstance(default, bool | int | float) and not isinstance(default, bool):
+            values[key] = type(default)(value)
+        else:
+            values[key] = str(value)
+    cluster = ClusterConfig(**values)
+    if cluster.membership not in MEMBERSHIPS:
+        raise ValueError(
+            f"cluster.membership must be one of {MEMBERSHIPS}, not {cluster.membership!r}"
+        )
+    if cluster.membership == "static" and not cluster.peers:
+        raise ValueError("cluster.membership static needs cluster.peers (host:port of every node)")
+    if cluster.membership == "dns" and not cluster.dns_name:
+        raise ValueError("cluster.membership dns needs cluster.dns_name (a headless Service name)")
+    for peer in cluster.peers:
+        host, sep, port = peer.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"cluster.peers entry {peer!r} is not host:port")
+    return cluster
 
 
 def _build_csi(raw: Any) -> CsiConfig:

@@ -24,8 +24,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cachefs.auth import read_token
+from cachefs.client import TLS_CA_ENV
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
 from node.auth import TokenInterceptor
+from node.cluster.membership import membership_from_config
+from node.cluster.peers import Peers
 from node.config import Config
 from node.engine import Engine
 from node.metrics import NodeCollector, serve_metrics
@@ -68,8 +71,26 @@ class Node:
 
     def __init__(self, config: Config, listeners: Listeners) -> None:
         self.config = config
-        self.engine = Engine(config)
-        self.servicer = CacheServicer(self.engine, config.server.node_id or node_id_default())
+        self.membership = membership_from_config(config.cluster)
+        self.peers: Peers | None = None
+        if self.membership is not None:
+            if not listeners.address:
+                raise ValueError(
+                    f"cluster.membership {config.cluster.membership} needs a TCP listener for "
+                    "the peers: give --address HOST:PORT"
+                )
+            self.peers = Peers(
+                self.membership,
+                self_address="",  # known once the TCP listener is bound
+                timeout=config.cluster.peer_timeout,
+                backoff=config.cluster.backoff,
+                token=read_token(),
+                tls_ca=os.environ.get(TLS_CA_ENV),
+            )
+        self.engine = Engine(config, peers=self.peers)
+        self.servicer = CacheServicer(
+            self.engine, config.server.node_id or node_id_default(), self.peers
+        )
         self.health = health.HealthServicer()
         self.servers: list[grpc.Server] = []
         self.bound: dict[str, str] = {}
@@ -130,12 +151,20 @@ class Node:
             host = listeners.address.rpartition(":")[0]
             self.bound["address"] = f"{host}:{port}"
         if listeners.metrics_address:
-            collector = NodeCollector(self.engine, self.servicer.jobs, self.servicer.calls)
+            collector = NodeCollector(
+                self.engine, self.servicer.jobs, self.servicer.calls, self.peers
+            )
             self._metrics_server, port = serve_metrics(listeners.metrics_address, collector)
             host = listeners.metrics_address.rpartition(":")[0]
             self.bound["metrics_address"] = f"{host}:{port}"
         if not self.servers:
             raise ValueError("the node listens nowhere: give a socket path or an address")
+        if self.peers is not None and self.membership is not None:
+            self.peers.self_address = self.config.cluster.self_address or _advertised(
+                self.bound["address"]
+            )
+            self.bound["self_address"] = self.peers.self_address
+            self.membership.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -147,6 +176,8 @@ class Node:
         grace = self.config.server.shutdown_grace if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.servicer.jobs.shutdown()
+        if self.membership is not None:
+            self.membership.stop()
         log.info("draining: new calls are refused, %d s for calls in flight", grace)
         events = [server.stop(grace) for server in self.servers]
         for event in events:
@@ -156,6 +187,8 @@ class Node:
         if self._socket is not None:
             self._socket.unlink(missing_ok=True)
         self.engine.close()
+        if self.peers is not None:
+            self.peers.close()
         log.info("stopped")
 
     def wait(self) -> None:
@@ -203,6 +236,21 @@ def _secure_socket(path: Path, mode: int, group: str | None) -> None:
         gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         os.chown(path, -1, gid)
     os.chmod(path, mode)
+
+
+def _advertised(bound: str) -> str:
+    """How peers reach this node: the TCP address, with a wildcard host replaced by
+    the pod's IP (POD_IP, from the downward API)."""
+    host, _, port = bound.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        pod_ip = os.environ.get("POD_IP")
+        if not pod_ip:
+            raise ValueError(
+                f"the node listens on {bound}, which peers cannot dial: set "
+                "cluster.self_address (or POD_IP) to this node's reachable address"
+            )
+        host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"{host}:{port}"
 
 
 def _read_pem(path: str) -> bytes:

@@ -20,11 +20,16 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import xxhash
 
 from cachefs.errors import IntegrityError, QuotaExceededError, VersionChangedError
 from node.block_writer import BlockWriter
 from node.config import Config
+
+if TYPE_CHECKING:
+    from node.cluster.peers import Peers
 from node.layout import ObjectHeader
 from node.origins import ObjectRef, Origin
 from node.sinks import BufferSink
@@ -56,6 +61,14 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Filled:
+    """How a block fill ended: where its bytes came from, and them if uncached."""
+
+    source: str  # "origin", "peer", or "local" (another fill got there first)
+    data: bytearray | None = None  # set when no tier had room: served without caching
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A source resolved once: its objects and their versions at that moment."""
 
@@ -83,14 +96,19 @@ class Engine:
     """One node's cache: a store of tiers in front of the origins."""
 
     def __init__(
-        self, config: Config, options: Mapping[str, Mapping[str, Any]] | None = None
+        self,
+        config: Config,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        peers: Peers | None = None,
     ) -> None:
+        """``peers``: the cluster's other nodes, asked for blocks before the origin."""
         self.config = config
+        self.peers = peers
         self.stats = EngineStats()
         self.store = Store(config.tiers, config.group)
         self.origin = Origin(config, options, observe=self.stats.observe_origin)
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cachefs-fill")
-        self._flights: dict[tuple[str, int], Future[bytearray | None]] = {}
+        self._flights: dict[tuple[str, int], Future[Filled]] = {}
         self._flights_lock = threading.Lock()
         self._stat_cache: dict[str, tuple[float, ObjectRef]] = {}
         # Refs handed out recently, by object id: a reader in another process that
@@ -210,7 +228,7 @@ class Engine:
         # Blocks as the stored object cuts them: another process may have made it.
         bs = obj.header.block_size if obj is not None else self.config.block_size
         first, last = start // bs, (end - 1) // bs
-        pending: dict[int, Future[bytearray | None]] = {}
+        pending: dict[int, Future[Filled]] = {}
         with self._holding(obj):
             if obj is not None:
                 missing = [i for i in range(first, last + 1) if i not in obj.present]
@@ -235,7 +253,7 @@ class Engine:
         ref: ObjectRef,
         obj: CachedObject | None,
         index: int,
-        future: Future[bytearray | None] | None,
+        future: Future[Filled] | None,
         start: int,
         into: memoryview,
     ) -> None:
@@ -244,13 +262,13 @@ class Engine:
         low, high = max(start, block_start), min(start + len(into), block_end)
         dest = into[low - start : high - start]
         for _attempt in range(_MAX_ATTEMPTS):
-            uncached = future.result() if future is not None else None
-            if uncached is not None:
-                dest[:] = memoryview(uncached)[low - block_start : high - block_start]
-                self.stats.served("origin", high - low)
+            filled = future.result() if future is not None else None
+            if filled is not None and filled.data is not None:
+                dest[:] = memoryview(filled.data)[low - block_start : high - block_start]
+                self.stats.served(filled.source, high - low)
                 return
             if obj is not None and self.store.read(obj, index, low - block_start, dest):
-                self.stats.served("origin" if future is not None else "local", high - low)
+                self.stats.served(filled.source if filled else "local", high - low)
                 return
             # Evicted, replaced or found corrupt since: place again and refill.
             obj = self.store.place(self.header(ref))
@@ -267,7 +285,7 @@ class Engine:
 
     # -- fills -------------------------------------------------------------------
 
-    def _flight(self, ref: ObjectRef, index: int) -> tuple[Future[bytearray | None], bool]:
+    def _flight(self, ref: ObjectRef, index: int) -> tuple[Future[Filled], bool]:
         """The in-flight fill of a block, and whether this call created it."""
         key = (ref.id, index)
         with self._flights_lock:
@@ -279,12 +297,17 @@ class Engine:
             return future, True
 
     def _run_flight(
-        self, ref: ObjectRef, obj: CachedObject | None, index: int, future: Future[bytearray | None]
+        self,
+        ref: ObjectRef,
+        obj: CachedObject | None,
+        index: int,
+        future: Future[Filled],
+        forwarded: bool = False,
     ) -> None:
         try:
             if not future.set_running_or_notify_cancel():
                 return
-            future.set_result(self._fill(ref, obj, index))
+            future.set_result(self._fill(ref, obj, index, forwarded))
         except BaseException as exc:
             future.set_exception(exc)
         finally:
@@ -292,21 +315,26 @@ class Engine:
                 if self._flights.get((ref.id, index)) is future:
                     del self._flights[(ref.id, index)]
 
-    def _fill(self, ref: ObjectRef, obj: CachedObject | None, index: int) -> bytearray | None:
-        """Fetch one block from the origin, streaming it into the store.
+    def _fill(
+        self, ref: ObjectRef, obj: CachedObject | None, index: int, forwarded: bool = False
+    ) -> Filled:
+        """Fetch one block from a peer or the origin, streaming it into the store.
 
-        Returns None when the block is now in the store, or the bytes themselves
-        when it could not be cached (no room): they are served without caching.
+        The bytes are in the store when this returns, unless no tier had room: then
+        ``Filled.data`` holds them and they are served without caching. ``forwarded``:
+        a peer asked this node to fill it, so no other owner is asked.
         """
         if obj is not None and index in obj.present and not obj.retired:
-            return None
+            return Filled("local")
         header = obj.header if obj else self.header(ref)
         start, end = header.block_span(index)
         with self._holding(obj):  # no eviction between placing, reserving and writing
             writer = self.store.block_writer(obj, index) if obj is not None else None
             sink: BlockWriter | BufferSink = writer or BufferSink(end - start)
             try:
-                self.origin.read(ref, start, end, sink)
+                peer = self.peers.fill(ref, header, index, sink, forwarded) if self.peers else None
+                if peer is None:
+                    self.origin.read(ref, start, end, sink)
             except BaseException as exc:
                 if writer is not None:
                     writer.close()
@@ -314,9 +342,10 @@ class Engine:
                     self._forget_stat(ref)  # so opening it again sees the new version
                 raise
             data = writer.commit() if writer is not None else sink.buffer  # type: ignore[union-attr]
-        self.stats.fetched(end - start)
+        source = "origin" if peer is None else "peer"
+        self.stats.fetched(end - start, source)
         if data is None:
-            return None
+            return Filled(source)
         for _attempt in range(_MAX_ATTEMPTS):
             if obj is None or not obj.retired:
                 break  # no room: serve it uncached
@@ -324,9 +353,9 @@ class Engine:
             if obj is not None:
                 with self.store.in_use(obj):
                     if not obj.retired and self.store.write_block(obj, index, memoryview(data)):
-                        return None
+                        return Filled(source)
         self.stats.uncached(end - start)
-        return data
+        return Filled(source, data)
 
     def _note_sequential(
         self, ref: ObjectRef, start: int, end: int, obj: CachedObject | None
@@ -347,6 +376,49 @@ class Engine:
                 future, created = self._flight(ref, index)
                 if created:
                     self._pool.submit(self._run_flight, ref, obj, index, future)
+
+    # -- peers -------------------------------------------------------------------
+
+    def block_for_peer(
+        self, ref: ObjectRef, block_size: int, index: int, fill: bool, forwarded: bool
+    ) -> tuple[bytes, int] | None:
+        """Block ``index`` of ``ref`` and its checksum, for another node.
+
+        From the store if present (verified), else filled once (single flight with
+        every local reader and every other asker) when ``fill``; else None.
+        """
+        obj = self.store.get(ref.id)
+        if obj is not None and obj.header.block_size != block_size:
+            raise ValueError(
+                f"{ref.canonical} is cut into blocks of {obj.header.block_size} bytes on this "
+                f"node, not {block_size}: give every node the same block_size"
+            )
+        header = ObjectHeader(ref.id, ref.canonical, ref.version, ref.size, block_size)
+        if not 0 <= index < header.block_count:
+            raise ValueError(f"{ref.canonical} has no block {index}")
+        start, end = header.block_span(index)
+        for _attempt in range(_MAX_ATTEMPTS):
+            obj = self.store.get(ref.id)
+            if obj is not None and index in obj.present:
+                buffer = bytearray(end - start)
+                with self.store.in_use(obj):
+                    checksum = obj.present.get(index)
+                    if checksum is not None and self.store.read(obj, index, 0, memoryview(buffer)):
+                        self.stats.to_peer(end - start)
+                        return bytes(buffer), checksum
+            if not fill:
+                return None
+            obj = self.store.place(header)
+            future, created = self._flight(ref, index)
+            if created:
+                self._run_flight(ref, obj, index, future, forwarded)
+            filled = future.result()
+            if filled.data is not None:  # no room here: hand on what was fetched
+                self.stats.to_peer(end - start)
+                return bytes(filled.data), xxhash.xxh3_64_intdigest(filled.data)
+        raise IntegrityError(
+            f"{ref.canonical}: block {index} could not be read back intact for a peer"
+        )
 
     # -- prefetch ----------------------------------------------------------------
 
@@ -378,7 +450,7 @@ class Engine:
             manifest.size,
         )
         objects = self._place_all(manifest, pin, tier)
-        jobs: list[tuple[ObjectRef, CachedObject, int, Future[bytearray | None]]] = []
+        jobs: list[tuple[ObjectRef, CachedObject, int, Future[Filled]]] = []
         remaining: dict[str, int] = {}
         for ref, obj in objects:
             missing = [i for i in range(obj.header.block_count) if i not in obj.present]
@@ -404,7 +476,7 @@ class Engine:
                     if future.cancelled() or future.exception() is not None:
                         return
                     start, end = obj.header.block_span(index)
-                    if future.result() is not None:
+                    if future.result().data is not None:
                         uncached.append(ref.canonical)
                     state.bytes_done += end - start
                     state.fetched_bytes += end - start
@@ -471,7 +543,7 @@ class Engine:
             raise
         return placed
 
-    def _wait_all(self, futures: list[Future[bytearray | None]]) -> None:
+    def _wait_all(self, futures: list[Future[Filled]]) -> None:
         """Wait for every fill; on the first failure cancel what has not started."""
         pending = set(futures)
         while pending:

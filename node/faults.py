@@ -1,10 +1,14 @@
-"""Crash points for tests: abort the process at a named point.
+"""Faults for tests: crash points, and a node that lies to its peers.
 
 ``CACHEFS_TEST_CRASH_AT=NAME`` (or ``NAME:N`` for the N-th time the point is reached)
 makes the process kill itself with SIGKILL there, so tests can prove that a crash at
 any point never leaves torn or foreign bytes to be served. Unset, it costs one dict
 lookup. Points: ``after-data-write``, ``before-checksum-record``,
 ``torn-checksum-record``, ``mid-eviction``, ``mid-repair``.
+
+``CACHEFS_TEST_CORRUPT_PEER_BLOCKS=1`` makes a node flip a byte of every block it
+serves to a peer (after its checksum was taken), so tests can prove that a peer's
+wrong bytes are detected and never stored.
 """
 
 from __future__ import annotations
@@ -39,3 +43,7 @@ def crash_point(name: str) -> None:
     """Kill this process with SIGKILL if the test configured the point ``name``."""
     if should_crash(name):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def corrupt_peer_blocks() -> bool:
+    return os.environ.get("CACHEFS_TEST_CORRUPT_PEER_BLOCKS") == "1"

@@ -15,9 +15,13 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from cachefs.api import JobStatus
-from node.engine import Engine, PrefetchResult, Progress
+from node.engine import Engine, Manifest, PrefetchResult, Progress
+
+if TYPE_CHECKING:
+    from node.cluster.peers import Peers
 
 log = logging.getLogger("cachefs.jobs")
 _FINISHED_KEPT = 100
@@ -97,12 +101,27 @@ class Job:
 class JobRegistry:
     """The node's prefetch jobs: running ones and the last finished ones."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, peers: Peers | None = None) -> None:
         self._engine = engine
+        self._peers = peers
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
-    def start(self, sources: Sequence[str], pin: str | None, tier: str | None) -> Job:
+    def start(
+        self,
+        sources: Sequence[str],
+        pin: str | None,
+        tier: str | None,
+        manifest: Manifest | None = None,
+        cluster: bool = False,
+    ) -> Job:
+        """Run a prefetch of ``sources`` (or of exactly ``manifest``), on this node or,
+        with ``cluster``, on every member."""
+        if cluster and self._peers is None:
+            raise ValueError(
+                "this node has no cluster: configure cluster.membership (or cachefs node "
+                "--peers) to prefetch onto every node"
+            )
         job = Job(uuid.uuid4().hex[:16], sources, pin)
         with self._lock:
             self._jobs[job.id] = job
@@ -110,7 +129,7 @@ class JobRegistry:
         context = contextvars.copy_context()  # the job's log lines carry the request id
         thread = threading.Thread(
             target=context.run,
-            args=(self._run, job, sources, pin, tier),
+            args=(self._run, job, sources, pin, tier, manifest, cluster),
             name=f"job-{job.id}",
             daemon=True,
         )
@@ -145,12 +164,40 @@ class JobRegistry:
                     )
                 )
 
-    def _run(self, job: Job, sources: Sequence[str], pin: str | None, tier: str | None) -> None:
+    def _run(
+        self,
+        job: Job,
+        sources: Sequence[str],
+        pin: str | None,
+        tier: str | None,
+        manifest: Manifest | None,
+        cluster: bool,
+    ) -> None:
         def on_progress(progress: Progress) -> None:
             job.update(status_of_progress(job.id, sources, pin, progress))
 
         try:
-            result = self._engine.prefetch(sources, pin=pin, tier=tier, progress=on_progress)
+            if cluster:
+                from node.cluster.prefetch import run_cluster_prefetch
+
+                assert self._peers is not None
+                final = run_cluster_prefetch(
+                    self._engine,
+                    self._peers,
+                    manifest or self._engine.resolve(sources),
+                    pin,
+                    tier,
+                    job.update,
+                    job.id,
+                )
+                job.update(final)
+                return
+            if manifest is not None:
+                result = self._engine.prefetch_manifest(
+                    manifest, pin=pin, tier=tier, progress=on_progress
+                )
+            else:
+                result = self._engine.prefetch(sources, pin=pin, tier=tier, progress=on_progress)
         except Exception as exc:
             from cachefs.rpc_errors import kind_of, message_of  # grpc: the daemon's import
 

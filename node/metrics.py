@@ -45,8 +45,8 @@ class CallStats:
 class NodeCollector:
     """A prometheus_client collector over one node's engine, jobs and server."""
 
-    def __init__(self, engine: Any, jobs: Any, calls: CallStats) -> None:
-        self._engine, self._jobs, self._calls = engine, jobs, calls
+    def __init__(self, engine: Any, jobs: Any, calls: CallStats, peers: Any = None) -> None:
+        self._engine, self._jobs, self._calls, self._peers = engine, jobs, calls, peers
 
     def describe(self) -> list[Any]:
         return []  # unchecked collector: families are built per scrape
@@ -62,7 +62,7 @@ class NodeCollector:
         served = CounterMetricFamily(
             "cachefs_served_bytes", "Bytes served to readers, by source", labels=["source"]
         )
-        for source in ("local", "origin"):
+        for source in ("local", "origin", "peer"):
             served.add_metric([source], stats["served_bytes"].get(source, 0))
         yield served
         yield CounterMetricFamily(
@@ -75,6 +75,16 @@ class NodeCollector:
             "cachefs_origin_fetched_bytes",
             "Bytes fetched from origins",
             value=stats["fetched_bytes"],
+        )
+        yield CounterMetricFamily(
+            "cachefs_peer_fetched_bytes",
+            "Bytes fetched from other nodes",
+            value=stats["peer_bytes"],
+        )
+        yield CounterMetricFamily(
+            "cachefs_peer_served_bytes",
+            "Bytes this node served to other nodes",
+            value=stats["to_peer_bytes"],
         )
         yield CounterMetricFamily(
             "cachefs_uncached_bytes",
@@ -107,12 +117,7 @@ class NodeCollector:
             labels=["operation"],
         )
         for operation, histogram in sorted(self._engine.stats.latency().items()):
-            cumulative, buckets = 0, []
-            bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
-            for bound, count in zip(bounds, histogram.counts, strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            latency.add_metric([operation], buckets, histogram.total)
+            latency.add_metric([operation], _cumulative(histogram.counts), histogram.total)
         yield latency
 
         calls, call_errors = self._calls.snapshot()
@@ -131,11 +136,47 @@ class NodeCollector:
             rpcs.add_metric([method, code], count)
         yield rpcs
 
+        if self._peers is not None:
+            yield from self._peer_families(CounterMetricFamily, HistogramMetricFamily)
+
         jobs = GaugeMetricFamily("cachefs_jobs", "Prefetch jobs known, by state", labels=["state"])
         states = Counter(job.state for job in self._jobs.jobs())
         for state in ("running", "succeeded", "failed", "cancelled"):
             jobs.add_metric([state], states.get(state, 0))
         yield jobs
+
+    def _peer_families(self, counter: Any, histogram: Any) -> Iterator[Any]:
+        stats = self._peers.stats
+        with stats.lock:
+            blocks = dict(stats.blocks)
+            errors = dict(stats.errors)
+            latency = {p: (list(h.counts), h.total) for p, h in stats.latency.items()}
+        fetched = counter("cachefs_peer_blocks", "Blocks fetched from a peer", labels=["peer"])
+        for peer, count in sorted(blocks.items()):
+            fetched.add_metric([peer], count)
+        yield fetched
+        failed = counter(
+            "cachefs_peer_errors", "Failed block fetches from a peer", labels=["peer", "kind"]
+        )
+        for (peer, kind), count in sorted(errors.items()):
+            failed.add_metric([peer, kind], count)
+        yield failed
+        seconds = histogram(
+            "cachefs_peer_block_seconds", "Time to fetch one block from a peer", labels=["peer"]
+        )
+        for peer, (counts, total) in sorted(latency.items()):
+            seconds.add_metric([peer], _cumulative(counts), total)
+        yield seconds
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts as Prometheus wants them: cumulative, labelled by upper bound."""
+    bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
+    total, buckets = 0, []
+    for bound, count in zip(bounds, counts, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return buckets
 
 
 def serve_metrics(address: str, collector: NodeCollector) -> tuple[Any, int]:

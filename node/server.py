@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,11 +24,16 @@ from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
 from cachefs.rpc_errors import abort, kind_of, status_of
 from node import logs
-from node.engine import Engine
+from node.engine import Engine, Manifest
+from node.faults import corrupt_peer_blocks
 from node.jobs import JobRegistry
 from node.metrics import CallStats
+from node.origins import ObjectRef
 from node.urls import parse_url, redact
 from node.views import Views
+
+if TYPE_CHECKING:
+    from node.cluster.peers import Peers
 
 log = logging.getLogger("cachefs.server")
 
@@ -36,7 +41,7 @@ DEFAULT_CHUNK = 1024 * 1024
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
 # Calls logged at debug level: readers make many of them.
-_FREQUENT = {"Stat", "List", "Read", "Status", "WatchJob"}
+_FREQUENT = {"Stat", "List", "Read", "Status", "WatchJob", "FetchBlock"}
 _STATES = {
     "running": pb.JobStatus.RUNNING,
     "succeeded": pb.JobStatus.SUCCEEDED,
@@ -124,10 +129,11 @@ class _Call:
 
 
 class CacheServicer(pb_grpc.CacheServicer):
-    def __init__(self, engine: Engine, node_id: str) -> None:
+    def __init__(self, engine: Engine, node_id: str, peers: Peers | None = None) -> None:
         self.engine = engine
         self.node_id = node_id
-        self.jobs = JobRegistry(engine)
+        self.peers = peers
+        self.jobs = JobRegistry(engine, peers)
         self.views = Views(engine)
         self.calls = CallStats()
         self.started = time.monotonic()
@@ -231,7 +237,20 @@ class CacheServicer(pb_grpc.CacheServicer):
         sources = _sources(request.sources)
         if request.tier:
             self.engine.store.tier(request.tier)
-        job = self.jobs.start(sources, request.pin_holder or None, request.tier or None)
+        manifest = None
+        if request.objects:  # a manifest another node resolved: exactly these versions
+            refs = tuple(
+                ObjectRef(parse_url(o.url), o.version, o.size, o.etag or None)
+                for o in request.objects
+            )
+            manifest = Manifest(tuple(sources), refs)
+        job = self.jobs.start(
+            sources,
+            request.pin_holder or None,
+            request.tier or None,
+            manifest=manifest,
+            cluster=request.cluster,
+        )
         log.info(
             "job %s started: %s",
             job.id,
@@ -278,6 +297,34 @@ class CacheServicer(pb_grpc.CacheServicer):
         return pb.EvictResponse(objects=len(evicted), bytes=sum(o.charged for o in evicted))
 
     @_rpc
+    def FetchBlock(
+        self, request: pb.FetchBlockRequest, context: grpc.ServicerContext, call: _Call
+    ) -> Iterator[pb.BlockChunk]:
+        if not request.block_size:
+            raise ValueError("name the block size the asking node uses")
+        ref = ObjectRef(parse_url(request.url), request.version, request.size, request.etag or None)
+        block = self.engine.block_for_peer(
+            ref,
+            request.block_size,
+            request.index,
+            fill=not request.cached_only,
+            forwarded=request.forwarded,
+        )
+        if block is None:
+            raise FileNotFoundError(f"block {request.index} of {ref.canonical} is not cached here")
+        data, checksum = block
+        if corrupt_peer_blocks() and data:  # test-only fault: a peer that lies
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        view = memoryview(data)
+        for offset in range(0, max(len(data), 1), DEFAULT_CHUNK):
+            piece = view[offset : offset + DEFAULT_CHUNK]
+            call.sent += len(piece)
+            if offset == 0:
+                yield pb.BlockChunk(checksum=checksum, length=len(data), data=bytes(piece))
+            else:
+                yield pb.BlockChunk(data=bytes(piece))
+
+    @_rpc
     def Status(
         self, request: pb.StatusRequest, context: grpc.ServicerContext, call: _Call
     ) -> pb.StatusResponse:
@@ -305,6 +352,7 @@ class CacheServicer(pb_grpc.CacheServicer):
             fetched_bytes=stats["fetched_bytes"],
             rpcs=self.calls.by_method(),
             uptime_seconds=time.monotonic() - self.started,
+            members=self.peers.membership.members() if self.peers else (),
         )
 
 
@@ -332,6 +380,8 @@ def _job_message(status: Any) -> pb.JobStatus:
         seconds=status.seconds,
         error=status.error or "",
         error_kind=status.error_kind or "",
+        nodes_total=status.nodes_total,
+        nodes_done=status.nodes_done,
     )
 
 

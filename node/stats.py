@@ -31,7 +31,9 @@ class EngineStats:
     origin_requests: Counter[str] = field(default_factory=Counter)
     origin_errors: Counter[str] = field(default_factory=Counter)
     origin_latency: dict[str, LatencyHistogram] = field(default_factory=dict)
-    fetched_bytes: int = 0
+    fetched_bytes: int = 0  # from origins
+    peer_bytes: int = 0  # from other nodes
+    to_peer_bytes: int = 0  # served to other nodes
     uncached_bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -43,9 +45,16 @@ class EngineStats:
             else:
                 self.misses += 1
 
-    def fetched(self, n: int) -> None:
+    def fetched(self, n: int, source: str = "origin") -> None:
         with self._lock:
-            self.fetched_bytes += n
+            if source == "peer":
+                self.peer_bytes += n
+            else:
+                self.fetched_bytes += n
+
+    def to_peer(self, n: int) -> None:
+        with self._lock:
+            self.to_peer_bytes += n
 
     def uncached(self, n: int) -> None:
         with self._lock:
@@ -79,5 +88,7 @@ class EngineStats:
                 "origin_requests": dict(self.origin_requests),
                 "origin_errors": dict(self.origin_errors),
                 "fetched_bytes": self.fetched_bytes,
+                "peer_bytes": self.peer_bytes,
+                "to_peer_bytes": self.to_peer_bytes,
                 "uncached_bytes": self.uncached_bytes,
             }

@@ -94,7 +94,7 @@ class NodeProcess(CachefsProcess):
         self,
         cache_dir: Path,
         socket_path: Path,
-        tcp: bool = True,
+        tcp: bool | str = True,
         metrics: bool = True,
         token: str | None = TOKEN,
         config: Path | None = None,
@@ -108,7 +108,7 @@ class NodeProcess(CachefsProcess):
             "--socket",
             str(socket_path),
             *(["--cache-dir", str(cache_dir)] if config is None else ["--config", str(config)]),
-            *(["--address", "127.0.0.1:0"] if tcp else []),
+            *(["--address", tcp if isinstance(tcp, str) else "127.0.0.1:0"] if tcp else []),
             *(["--metrics-address", "127.0.0.1:0"] if metrics else []),
             *extra_args,
         ]

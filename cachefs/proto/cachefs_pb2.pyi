@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ObjectInfo(_message.Message):
-    __slots__ = ("url", "version", "size", "id", "is_directory", "complete", "local_path", "inode", "block_size")
+    __slots__ = ("url", "version", "size", "id", "is_directory", "complete", "local_path", "inode", "block_size", "etag")
     URL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ObjectInfo(_message.Message):
     LOCAL_PATH_FIELD_NUMBER: _ClassVar[int]
     INODE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     url: str
     version: str
     size: int
@@ -27,7 +28,8 @@ class ObjectInfo(_message.Message):
     local_path: str
     inode: int
     block_size: int
-    def __init__(self, url: _Optional[str] = ..., version: _Optional[str] = ..., size: _Optional[int] = ..., id: _Optional[str] = ..., is_directory: _Optional[bool] = ..., complete: _Optional[bool] = ..., local_path: _Optional[str] = ..., inode: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    etag: str
+    def __init__(self, url: _Optional[str] = ..., version: _Optional[str] = ..., size: _Optional[int] = ..., id: _Optional[str] = ..., is_directory: _Optional[bool] = ..., complete: _Optional[bool] = ..., local_path: _Optional[str] = ..., inode: _Optional[int] = ..., block_size: _Optional[int] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class StatRequest(_message.Message):
     __slots__ = ("url",)
@@ -94,14 +96,18 @@ class ReadChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("sources", "pin_holder", "tier")
+    __slots__ = ("sources", "pin_holder", "tier", "cluster", "objects")
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     PIN_HOLDER_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
     sources: _containers.RepeatedScalarFieldContainer[str]
     pin_holder: str
     tier: str
-    def __init__(self, sources: _Optional[_Iterable[str]] = ..., pin_holder: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+    cluster: bool
+    objects: _containers.RepeatedCompositeFieldContainer[ObjectInfo]
+    def __init__(self, sources: _Optional[_Iterable[str]] = ..., pin_holder: _Optional[str] = ..., tier: _Optional[str] = ..., cluster: _Optional[bool] = ..., objects: _Optional[_Iterable[_Union[ObjectInfo, _Mapping]]] = ...) -> None: ...
 
 class JobRef(_message.Message):
     __slots__ = ("id",)
@@ -110,7 +116,7 @@ class JobRef(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("id", "state", "sources", "pin_holder", "bytes_total", "bytes_done", "objects_total", "objects_done", "fetched_bytes", "cached_before", "evicted_during", "seconds", "error", "error_kind")
+    __slots__ = ("id", "state", "sources", "pin_holder", "bytes_total", "bytes_done", "objects_total", "objects_done", "fetched_bytes", "cached_before", "evicted_during", "seconds", "error", "error_kind", "nodes_total", "nodes_done")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[JobStatus.State]
@@ -137,6 +143,8 @@ class JobStatus(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    NODES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NODES_DONE_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobStatus.State
     sources: _containers.RepeatedScalarFieldContainer[str]
@@ -151,7 +159,9 @@ class JobStatus(_message.Message):
     seconds: float
     error: str
     error_kind: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobStatus.State, str]] = ..., sources: _Optional[_Iterable[str]] = ..., pin_holder: _Optional[str] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., objects_total: _Optional[int] = ..., objects_done: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., cached_before: _Optional[int] = ..., evicted_during: _Optional[int] = ..., seconds: _Optional[float] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ...) -> None: ...
+    nodes_total: int
+    nodes_done: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobStatus.State, str]] = ..., sources: _Optional[_Iterable[str]] = ..., pin_holder: _Optional[str] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., objects_total: _Optional[int] = ..., objects_done: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., cached_before: _Optional[int] = ..., evicted_during: _Optional[int] = ..., seconds: _Optional[float] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., nodes_total: _Optional[int] = ..., nodes_done: _Optional[int] = ...) -> None: ...
 
 class UnpinRequest(_message.Message):
     __slots__ = ("holder", "sources")
@@ -226,7 +236,7 @@ class TierStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., medium: _Optional[str] = ..., path: _Optional[str] = ..., quota: _Optional[int] = ..., used: _Optional[int] = ..., pinned: _Optional[int] = ..., objects: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "tiers", "pins", "jobs", "served_bytes", "hits", "misses", "fetched_bytes", "rpcs", "uptime_seconds")
+    __slots__ = ("node_id", "tiers", "pins", "jobs", "served_bytes", "hits", "misses", "fetched_bytes", "rpcs", "uptime_seconds", "members")
     class PinsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +268,7 @@ class StatusResponse(_message.Message):
     FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     RPCS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierStatus]
     pins: _containers.ScalarMap[str, int]
@@ -268,4 +279,35 @@ class StatusResponse(_message.Message):
     fetched_bytes: int
     rpcs: _containers.ScalarMap[str, int]
     uptime_seconds: float
-    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., pins: _Optional[_Mapping[str, int]] = ..., jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., served_bytes: _Optional[_Mapping[str, int]] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., rpcs: _Optional[_Mapping[str, int]] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., pins: _Optional[_Mapping[str, int]] = ..., jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., served_bytes: _Optional[_Mapping[str, int]] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., rpcs: _Optional[_Mapping[str, int]] = ..., uptime_seconds: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FetchBlockRequest(_message.Message):
+    __slots__ = ("url", "version", "size", "etag", "block_size", "index", "cached_only", "forwarded")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CACHED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    version: str
+    size: int
+    etag: str
+    block_size: int
+    index: int
+    cached_only: bool
+    forwarded: bool
+    def __init__(self, url: _Optional[str] = ..., version: _Optional[str] = ..., size: _Optional[int] = ..., etag: _Optional[str] = ..., block_size: _Optional[int] = ..., index: _Optional[int] = ..., cached_only: _Optional[bool] = ..., forwarded: _Optional[bool] = ...) -> None: ...
+
+class BlockChunk(_message.Message):
+    __slots__ = ("checksum", "length", "data")
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    checksum: int
+    length: int
+    data: bytes
+    def __init__(self, checksum: _Optional[int] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,187 @@
+"""Asking other nodes for a block, before the origin.
+
+For a block this node lacks: if another node owns it, ask the owner (it fills from
+the origin once, however many nodes ask) and, should it fail or time out, the
+next-ranked node. If this node owns it (or fills it for a peer), ask the next-ranked
+nodes' caches only: when a node joins, the previous owner of a block is exactly its
+next-ranked node. A peer's bytes are hashed as they arrive and stored only when
+they match the checksum the owner sent. A failing peer is avoided for ``backoff``
+seconds. Fills asked by a peer go one hop at most: no request chains between nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import xxhash
+
+from cachefs.client import NodeClient
+from cachefs.proto import cachefs_pb2 as pb
+from node.cluster.hashing import block_key, rank
+from node.cluster.membership import Membership
+from node.layout import ObjectHeader
+from node.origins import ObjectRef
+from node.sinks import Sink
+from node.stats import LatencyHistogram
+
+log = logging.getLogger("cachefs.peers")
+FALLBACKS = 2  # next-ranked nodes whose caches an owner asks before the origin
+
+
+class PeerDataError(Exception):
+    """A peer sent bytes that do not match what it announced."""
+
+
+@dataclass
+class PeerStats:
+    """Per peer: blocks fetched, errors by kind, latency of a whole block."""
+
+    blocks: Counter[str] = field(default_factory=Counter)
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    latency: dict[str, LatencyHistogram] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fetched(self, peer: str, seconds: float) -> None:
+        with self.lock:
+            self.blocks[peer] += 1
+            self.latency.setdefault(peer, LatencyHistogram()).observe(seconds)
+
+    def failed(self, peer: str, kind: str) -> None:
+        with self.lock:
+            self.errors[(peer, kind)] += 1
+
+
+class Peers:
+    def __init__(
+        self,
+        membership: Membership,
+        self_address: str,
+        timeout: float = 30.0,
+        backoff: float = 30.0,
+        token: str | None = None,
+        tls_ca: str | None = None,
+    ) -> None:
+        self.membership = membership
+        self.self_address = self_address
+        self.timeout = timeout
+        self.backoff = backoff
+        self.stats = PeerStats()
+        self._token, self._tls_ca = token, tls_ca
+        self._clients: dict[str, NodeClient] = {}
+        self._avoid_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def client(self, peer: str) -> NodeClient:
+        with self._lock:
+            client = self._clients.get(peer)
+            if client is None:
+                client = NodeClient(peer, self.timeout, self._token or "", self._tls_ca or "")
+                self._clients[peer] = client
+            return client
+
+    def others(self) -> list[str]:
+        return [m for m in self.membership.members() if m != self.self_address]
+
+    def plan(self, key: str, forwarded: bool) -> list[tuple[str, bool]]:
+        """(peer, cached_only) to ask, in order, for block ``key``."""
+        members = list(self.membership.members())
+        if self.self_address not in members:
+            members.append(self.self_address)
+        if len(members) < 2:
+            return []
+        ranked = rank(key, members)
+        if forwarded or ranked[0] == self.self_address:
+            fallbacks = [m for m in ranked[1:] if m != self.self_address][:FALLBACKS]
+            return [(peer, True) for peer in fallbacks]
+        owners = [m for m in ranked[:2] if m != self.self_address]
+        return [(peer, False) for peer in owners]
+
+    def fill(
+        self, ref: ObjectRef, header: ObjectHeader, index: int, sink: Sink, forwarded: bool
+    ) -> str | None:
+        """Fill block ``index`` into ``sink`` from a peer: the peer, or None (use the origin)."""
+        for peer, cached_only in self.plan(block_key(ref.id, index), forwarded):
+            if self._avoided(peer):
+                continue
+            started = time.monotonic()
+            try:
+                if self._fetch(peer, ref, header, index, sink, cached_only):
+                    self.stats.fetched(peer, time.monotonic() - started)
+                    return peer
+            except FileNotFoundError:
+                continue  # not cached there (cached_only), or the object is gone
+            except Exception as exc:
+                kind = type(exc).__name__
+                self.stats.failed(peer, kind)
+                log.warning(
+                    "peer %s failed block %d of %s (%s: %s); avoiding it for %ds",
+                    peer,
+                    index,
+                    ref.canonical,
+                    kind,
+                    exc,
+                    self.backoff,
+                )
+                with self._lock:
+                    self._avoid_until[peer] = time.monotonic() + self.backoff
+        return None
+
+    def _avoided(self, peer: str) -> bool:
+        with self._lock:
+            until = self._avoid_until.get(peer)
+            if until is not None and time.monotonic() >= until:
+                del self._avoid_until[peer]
+                return False
+            return until is not None
+
+    def _fetch(
+        self,
+        peer: str,
+        ref: ObjectRef,
+        header: ObjectHeader,
+        index: int,
+        sink: Sink,
+        cached_only: bool,
+    ) -> bool:
+        start, end = header.block_span(index)
+        request = pb.FetchBlockRequest(
+            url=ref.url.fetch_url,
+            version=ref.version,
+            size=ref.size,
+            etag=ref.etag or "",
+            block_size=header.block_size,
+            index=index,
+            cached_only=cached_only,
+            forwarded=not cached_only,
+        )
+        sink.begin()
+        hasher = xxhash.xxh3_64()
+        expected: int | None = None
+        received = 0
+        for chunk in self.client(peer).fetch_block(request, self.timeout):
+            if expected is None:
+                expected = chunk.checksum
+                if chunk.length != end - start:
+                    raise PeerDataError(f"announced {chunk.length} bytes, not {end - start}")
+            data = memoryview(chunk.data)
+            received += len(data)
+            if received > end - start:
+                raise PeerDataError(f"sent more than the block's {end - start} bytes")
+            hasher.update(data)
+            sink.write(data)
+        if expected is None or received != end - start:
+            raise PeerDataError(f"sent {received} of {end - start} bytes")
+        if hasher.intdigest() != expected:
+            raise PeerDataError("sent bytes whose checksum does not match; discarded")
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            client.close()

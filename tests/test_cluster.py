@@ -1,0 +1,181 @@
+"""A cluster of real nodes on 127.0.0.x: the origin serves each block once.
+
+Four ``cachefs node`` processes with a static membership share blocks through
+FetchBlock; the S3 origin (moto) counts every GET.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from daemon import TOKEN
+from helpers import Background
+
+from cachefs.client import NodeClient
+
+BLOCK = 64 * 1024
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _addresses(count: int) -> list[str]:
+    return [f"127.0.0.{i + 1}:{_free_port(f'127.0.0.{i + 1}')}" for i in range(count)]
+
+
+@pytest.fixture
+def cluster(start_node, tmp_path, s3, monkeypatch):
+    """``cluster(n, members=None, env=None)``: start nodes; each sees ``members``."""
+    monkeypatch.setenv("CACHEFS_TOKEN", TOKEN)  # the test's own clients speak TCP
+    started = []
+
+    def start(addresses: list[str], members: list[str] | None = None, **kwargs):
+        nodes = []
+        for address in addresses:
+            index = len(started)
+            cache = tmp_path / f"cache-{index}"
+            config = tmp_path / f"node-{index}.yaml"
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "cache_dir": str(cache),
+                        "block_size": BLOCK,
+                        "cluster": {
+                            "membership": "static",
+                            "peers": members or addresses,
+                            "peer_timeout": 10,
+                            "backoff": 30,
+                        },
+                    }
+                )
+            )
+            node = start_node(
+                cache,
+                config=config,
+                tcp=address,
+                metrics=False,
+                socket_path=tmp_path / f"node-{index}.sock",
+                **kwargs,
+            )
+            started.append(node)
+            nodes.append(node)
+        return nodes
+
+    return start
+
+
+def _model(s3, sizes=(5 * BLOCK + 100, 3 * BLOCK, 700)) -> dict[str, bytes]:
+    files = {f"model/part-{i}.bin": os.urandom(size) for i, size in enumerate(sizes)}
+    for key, data in files.items():
+        s3.put(key, data)
+    return files
+
+
+def _blocks(size: int) -> int:
+    return -(-size // BLOCK)
+
+
+def _assert_copy(node, s3, files: dict[str, bytes]) -> None:
+    client = NodeClient(node.unix_endpoint)
+    cached = {entry.url: entry for entry in client.cached()}
+    for key, data in files.items():
+        entry = cached[f"s3://{s3.name}/{key}"]
+        assert entry.complete, key
+        info = client.stat(s3.url(key))
+        assert Path(info.local_path).read_bytes() == data  # verified by the node first
+
+
+def test_cluster_prefetch_reads_each_block_from_the_origin_once(cluster, s3) -> None:
+    nodes = cluster(_addresses(4))
+    files = _model(s3)
+    s3.reset_requests()
+    result = NodeClient(nodes[0].unix_endpoint).prefetch([s3.url("model/")], cluster=True)
+    assert result.state == "succeeded" and result.nodes_total == 4 and result.nodes_done == 4
+    assert result.bytes_done == 4 * sum(len(d) for d in files.values())
+    for key, data in files.items():
+        gets = s3.gets(key)
+        assert len(gets) == _blocks(len(data)), (key, gets)
+        assert len(set(gets)) == len(gets)  # one GET per block, no block twice
+    for node in nodes:
+        _assert_copy(node, s3, files)
+    peer_bytes = [NodeClient(n.unix_endpoint).status()["served_bytes"] for n in nodes]
+    assert peer_bytes  # every node answered
+    statuses = [NodeClient(n.unix_endpoint).status() for n in nodes]
+    assert all(len(s["members"]) == 4 for s in statuses)
+
+
+def test_a_node_reading_alone_asks_the_owner_and_never_the_origin_twice(cluster, s3) -> None:
+    nodes = cluster(_addresses(3))
+    files = _model(s3, sizes=(8 * BLOCK,))
+    key, data = next(iter(files.items()))
+    readers = [NodeClient(n.unix_endpoint) for n in nodes]
+    for reader in readers:  # each node reads the whole object through its cache
+        assert reader.read(reader.stat(s3.url(key)), 0, len(data)) == data
+    gets = s3.gets(key)
+    assert len(gets) == 8 and len(set(gets)) == 8
+
+
+def test_a_killed_node_mid_prefetch_leaves_the_others_complete(cluster, s3) -> None:
+    nodes = cluster(_addresses(4))
+    files = _model(s3, sizes=(12 * BLOCK, 6 * BLOCK))
+    coordinator = NodeClient(nodes[0].unix_endpoint)
+    with s3.hold_gets("model/part-0.bin") as gate:
+        job = Background(lambda: coordinator.prefetch([s3.url("model/")], cluster=True))
+        gate.wait_held()
+        nodes[3].kill()
+    outcome = job.outcome(timeout=120)
+    assert isinstance(outcome, OSError) and nodes[3].tcp_endpoint in str(outcome)
+    for node in nodes[:3]:
+        _assert_copy(node, s3, files)
+    for key, data in files.items():  # the dead node's blocks came from the origin again
+        assert len(set(s3.gets(key))) == _blocks(len(data))
+
+
+def test_wrong_bytes_from_a_peer_are_detected_and_never_stored(cluster, s3) -> None:
+    addresses = _addresses(2)
+    honest = cluster(addresses[:1], members=addresses)[0]
+    liar = cluster(addresses[1:], members=addresses, env={"CACHEFS_TEST_CORRUPT_PEER_BLOCKS": "1"})[
+        0
+    ]
+    files = _model(s3, sizes=(10 * BLOCK,))
+    key, data = next(iter(files.items()))
+    # The liar reads first, so it owns and holds good copies of its blocks.
+    lying = NodeClient(liar.unix_endpoint)
+    assert lying.read(lying.stat(s3.url(key)), 0, len(data)) == data
+    s3.reset_requests()
+    reader = NodeClient(honest.unix_endpoint)
+    assert reader.read(reader.stat(s3.url(key)), 0, len(data)) == data
+    _assert_copy(honest, s3, files)
+    # Each block the liar sent was refused and fetched from the origin instead.
+    assert s3.gets(key), "every block came from the liar: none was refused"
+    assert any("checksum" in line for line in honest.lines)
+
+
+def test_a_node_that_joins_fills_from_peers_not_the_origin(cluster, s3) -> None:
+    addresses = _addresses(4)
+    first = cluster(addresses[:3])
+    files = _model(s3)
+    NodeClient(first[0].unix_endpoint).prefetch([s3.url("model/")], cluster=True)
+    s3.reset_requests()
+    joined = cluster(addresses[3:], members=addresses)[0]
+    client = NodeClient(joined.unix_endpoint)
+    client.prefetch([s3.url("model/")])
+    _assert_copy(joined, s3, files)
+    gets = Counter(r.key for r in s3.requests if r.object_get)
+    assert not gets, gets
+    assert client.status()["fetched_bytes"] == 0
+
+
+def test_cluster_prefetch_needs_a_cluster(start_node, tmp_path, s3) -> None:
+    node = start_node(tmp_path / "c", tcp=False, metrics=False)
+    s3.put("x.bin", b"x")
+    with pytest.raises(ValueError, match="cluster"):
+        NodeClient(node.unix_endpoint).prefetch([s3.url("x.bin")], cluster=True)
