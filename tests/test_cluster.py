@@ -179,3 +179,111 @@ def test_cluster_prefetch_needs_a_cluster(start_node, tmp_path, s3) -> None:
     s3.put("x.bin", b"x")
     with pytest.raises(ValueError, match="cluster"):
         NodeClient(node.unix_endpoint).prefetch([s3.url("x.bin")], cluster=True)
+
+
+def _common_port(hosts: list[str]) -> int:
+    """A port free on every one of ``hosts`` (DNS and EndpointSlices name one port)."""
+    for _attempt in range(50):
+        port = _free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as probe:
+                    probe.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no port free on every host")
+
+
+def _start_with(start_node, tmp_path, hosts, port, cluster_config):
+    nodes = []
+    for index, host in enumerate(hosts):
+        cache = tmp_path / f"cache-{index}"
+        config = tmp_path / f"node-{index}.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {"cache_dir": str(cache), "block_size": BLOCK, "cluster": cluster_config}
+            )
+        )
+        nodes.append(
+            start_node(
+                cache,
+                config=config,
+                tcp=f"{host}:{port}",
+                metrics=False,
+                socket_path=tmp_path / f"node-{index}.sock",
+            )
+        )
+    return nodes
+
+
+def _members(node) -> set[str]:
+    return set(NodeClient(node.unix_endpoint).status()["members"])
+
+
+def test_dns_membership_follows_the_records_without_a_restart(
+    start_node, tmp_path, s3, monkeypatch
+) -> None:
+    from dns_server import DnsServer
+    from servers import wait_for
+
+    monkeypatch.setenv("CACHEFS_TOKEN", TOKEN)
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    port = _common_port(hosts)
+    with DnsServer() as dns:
+        dns.set("cachefs.test", a=hosts[:2])
+        config = {
+            "membership": "dns",
+            "dns_name": "cachefs.test",
+            "dns_port": port,
+            "dns_resolver": dns.address,
+            "refresh_interval": 0.2,
+        }
+        nodes = _start_with(start_node, tmp_path, hosts[:2], port, config)
+        both = {f"{h}:{port}" for h in hosts[:2]}
+        for node in nodes:
+            wait_for(lambda n=node: _members(n) == both, timeout=10)
+        files = _model(s3, sizes=(6 * BLOCK,))
+        key, data = next(iter(files.items()))
+        for node in nodes:
+            client = NodeClient(node.unix_endpoint)
+            assert client.read(client.stat(s3.url(key)), 0, len(data)) == data
+        assert len(s3.gets(key)) == 6  # shared: each block from the origin once
+
+        dns.set("cachefs.test", a=hosts)
+        wait_for(lambda: len(_members(nodes[0])) == 3, timeout=10)
+
+
+def test_kubernetes_membership_follows_the_endpoint_slices(
+    start_node, tmp_path, s3, monkeypatch
+) -> None:
+    from k8s_api import KubeApiServer, endpoint_slice
+    from servers import wait_for
+
+    monkeypatch.setenv("CACHEFS_TOKEN", TOKEN)
+    hosts = ["127.0.0.1", "127.0.0.2"]
+    port = _common_port(hosts)
+    with KubeApiServer("cachefs-system") as api:
+        api.put(endpoint_slice("cachefs-a", "cachefs", [(hosts[0], True)], port=port))
+        config = {
+            "membership": "kubernetes",
+            "kubernetes_service": "cachefs",
+            "kubernetes_namespace": "cachefs-system",
+            "kubernetes_api_url": api.url,
+        }
+        nodes = _start_with(start_node, tmp_path, hosts, port, config)
+        wait_for(lambda: _members(nodes[1]) == {f"{hosts[0]}:{port}"}, timeout=10)
+        api.put(endpoint_slice("cachefs-a", "cachefs", [(h, True) for h in hosts], port=port))
+        both = {f"{h}:{port}" for h in hosts}
+        for node in nodes:
+            wait_for(lambda n=node: _members(n) == both, timeout=10)
+        files = _model(s3, sizes=(4 * BLOCK,))
+        key, data = next(iter(files.items()))
+        for node in nodes:
+            client = NodeClient(node.unix_endpoint)
+            assert client.read(client.stat(s3.url(key)), 0, len(data)) == data
+        assert len(s3.gets(key)) == 4
+        api.put(
+            endpoint_slice("cachefs-a", "cachefs", [(hosts[0], True), (hosts[1], False)], port=port)
+        )
+        wait_for(lambda: _members(nodes[0]) == {f"{hosts[0]}:{port}"}, timeout=10)

@@ -334,3 +334,33 @@ def test_bad_server_section_is_refused(tmp_path: Path, text: str, message: str) 
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_config(path, environ={})
+
+
+def test_cluster_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "cluster:\n  membership: static\n  peers: [10.0.0.1:7070, 10.0.0.2:7070]\n"
+        "  peer_timeout: 5\n  backoff: 10\n"
+    )
+    cluster = load_config(path, environ={}).cluster
+    assert cluster.peers == ("10.0.0.1:7070", "10.0.0.2:7070")
+    assert cluster.peer_timeout == 5.0 and cluster.backoff == 10.0
+    env = {"CACHEFS_CLUSTER__MEMBERSHIP": "dns", "CACHEFS_CLUSTER__DNS_NAME": "cachefs.ns.svc"}
+    assert load_config(environ=env).cluster.dns_name == "cachefs.ns.svc"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cluster:\n  membership: gossip\n", "membership"),
+        ("cluster:\n  membership: static\n", "peers"),
+        ("cluster:\n  membership: dns\n", "dns_name"),
+        ("cluster:\n  membership: static\n  peers: [nohost]\n", "host:port"),
+        ("cluster:\n  peer: x\n", "cluster.peer"),
+    ],
+)
+def test_bad_cluster_section_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path, environ={})

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("cachefs.cluster")
@@ -85,9 +86,22 @@ def membership_from_config(cluster: Any) -> Membership | None:
 
         return KubernetesMembership(
             service=cluster.kubernetes_service,
-            namespace=cluster.kubernetes_namespace or os.environ.get("POD_NAMESPACE", "default"),
+            namespace=cluster.kubernetes_namespace or _own_namespace(),
             port_name=cluster.kubernetes_port_name,
             api_url=cluster.kubernetes_api_url,
             kubeconfig=cluster.kubeconfig,
         )
     return None
+
+
+_SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _own_namespace() -> str:
+    """The pod's namespace: POD_NAMESPACE, else its service account's, else default."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return Path(_SERVICE_ACCOUNT_NAMESPACE).read_text().strip() or "default"
+    except OSError:
+        return "default"
