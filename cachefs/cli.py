@@ -85,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("status", parents=[common], help="tiers, pins, jobs and counters")
 
+    label = commands.add_parser(
+        "label",
+        parents=[common],
+        help="the Node label a source gets where it is complete",
+        description="Print the Node label (cachefs.io/<hash>) nodes carry while SOURCE is "
+        "complete on them: use it in a pod's nodeAffinity.",
+    )
+    label.add_argument("source", metavar="SOURCE")
+
     node = commands.add_parser(
         "node",
         parents=[common],
@@ -389,6 +398,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _unpin(args, out)
         if args.command == "status":
             return _status(args, out)
+        if args.command == "label":
+            from node.labels import READY, canonical_source, label_key
+
+            record = {
+                "source": canonical_source(args.source),
+                "label": label_key(args.source),
+                "value": READY,
+            }
+            out.write(json.dumps(record) + "\n" if args.json else record["label"] + "\n")
+            return 0
         parser.error(f"unknown command {args.command}")
     except KeyboardInterrupt:
         err.write("cachefs: interrupted\n")

@@ -113,6 +113,7 @@ class ClusterConfig:
     kubeconfig: str | None = None
     peer_timeout: float = 30.0  # seconds a peer may take for one block
     backoff: float = 30.0  # seconds a failing peer is avoided
+    label_node: bool = False  # label this node's Node with the sources complete here
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,11 @@ def _build_cluster(raw: Any) -> ClusterConfig:
         elif key == "peers":
             items = value.split(",") if isinstance(value, str) else value
             values[key] = tuple(str(p).strip() for p in items if str(p).strip())
-        elif isinstance(default, bool | int | float) and not isinstance(default, bool):
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"cluster.{key} must be true or false, not {value!r}")
+            values[key] = value
+        elif isinstance(default, int | float):
             values[key] = type(default)(value)
         else:
             values[key] = str(value)

@@ -31,6 +31,7 @@ from node.cluster.membership import membership_from_config
 from node.cluster.peers import Peers
 from node.config import Config
 from node.engine import Engine
+from node.labels import SourceLabels
 from node.metrics import NodeCollector, serve_metrics
 from node.server import MAX_CHUNK, CacheServicer, node_id_default
 
@@ -88,6 +89,7 @@ class Node:
                 tls_ca=os.environ.get(TLS_CA_ENV),
             )
         self.engine = Engine(config, peers=self.peers)
+        self.labels = _source_labels(config, self.engine) if config.cluster.label_node else None
         self.servicer = CacheServicer(
             self.engine, config.server.node_id or node_id_default(), self.peers
         )
@@ -165,6 +167,8 @@ class Node:
             )
             self.bound["self_address"] = self.peers.self_address
             self.membership.start()
+        if self.labels is not None:
+            self.labels.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -178,6 +182,8 @@ class Node:
         self.servicer.jobs.shutdown()
         if self.membership is not None:
             self.membership.stop()
+        if self.labels is not None:
+            self.labels.stop()
         log.info("draining: new calls are refused, %d s for calls in flight", grace)
         events = [server.stop(grace) for server in self.servers]
         for event in events:
@@ -236,6 +242,28 @@ def _secure_socket(path: Path, mode: int, group: str | None) -> None:
         gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         os.chown(path, -1, gid)
     os.chmod(path, mode)
+
+
+def _source_labels(config: Config, engine: Engine) -> SourceLabels:
+    """Node labels for the sources complete here, kept in step with the engine."""
+    from node.kube import NodeLabels
+
+    cluster = config.cluster
+    api = NodeLabels(
+        os.environ.get("NODE_NAME", ""), cluster.kubernetes_api_url, cluster.kubeconfig
+    )
+    store = engine.store
+
+    def is_complete(object_id: str) -> bool:
+        obj = store.get(object_id)
+        return obj is not None and obj.complete
+
+    labels = SourceLabels(api, store.tiers[-1].root / "v1" / "labels.json", is_complete)
+    engine.complete_listeners.append(
+        lambda manifest: labels.complete(manifest.sources, (r.id for r in manifest.objects))
+    )
+    store.removed_listeners.append(labels.removed)
+    return labels
 
 
 def _advertised(bound: str) -> str:

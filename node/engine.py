@@ -104,6 +104,8 @@ class Engine:
         """``peers``: the cluster's other nodes, asked for blocks before the origin."""
         self.config = config
         self.peers = peers
+        # Called with each manifest a prefetch completed (every object cached).
+        self.complete_listeners: list[Callable[[Manifest], None]] = []
         self.stats = EngineStats()
         self.store = Store(config.tiers, config.group)
         self.origin = Origin(config, options, observe=self.stats.observe_origin)
@@ -505,6 +507,9 @@ class Engine:
         evicted = sum(
             1 for ref, _ in objects if not (o := self.store.get(ref.id)) or not o.complete
         )
+        if not evicted:
+            for listener in list(self.complete_listeners):
+                listener(manifest)
         return PrefetchResult(
             manifest=manifest,
             bytes=manifest.size,

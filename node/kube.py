@@ -65,6 +65,41 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def api_client(api_url: str | None = None, kubeconfig: str | None = None) -> client.ApiClient:
+    """An API client: ``kubeconfig`` if given, else in-cluster config; ``api_url``
+    overrides the server's address (alone: a plain URL without credentials)."""
+    configuration = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(
+            config_file=kubeconfig, client_configuration=configuration, persist_config=False
+        )
+    elif not api_url:
+        config.load_incluster_config(client_configuration=configuration)
+    if api_url:
+        configuration.host = api_url.rstrip("/")
+    return client.ApiClient(configuration)
+
+
+class NodeLabels:
+    """Labels of one Node object, read and patched through the API (get, patch)."""
+
+    def __init__(
+        self, node_name: str, api_url: str | None = None, kubeconfig: str | None = None
+    ) -> None:
+        if not node_name:
+            raise ValueError("labelling the node needs its name: set NODE_NAME")
+        self.node_name = node_name
+        self._api = client.CoreV1Api(api_client(api_url, kubeconfig))
+
+    def get(self) -> dict[str, str]:
+        response = self._api.read_node(self.node_name, _preload_content=False)
+        return dict((json.loads(response.data).get("metadata") or {}).get("labels") or {})
+
+    def patch(self, labels: dict[str, str | None]) -> None:
+        """Set labels; a None value removes the label."""
+        self._api.patch_node(self.node_name, {"metadata": {"labels": labels}})
+
+
 class KubernetesMembership(Membership):
     """The ready endpoints of ``service`` in ``namespace``, on its port ``port_name``.
 
@@ -91,18 +126,7 @@ class KubernetesMembership(Membership):
         self.port_name = port_name or ""
         self.selector = f"{SERVICE_NAME_LABEL}={service}"
         self.watch_timeout = int(watch_timeout)
-        configuration = client.Configuration()
-        if kubeconfig:
-            config.load_kube_config(
-                config_file=kubeconfig,
-                client_configuration=configuration,
-                persist_config=False,
-            )
-        elif not api_url:
-            config.load_incluster_config(client_configuration=configuration)
-        if api_url:
-            configuration.host = api_url.rstrip("/")
-        self._api = client.DiscoveryV1Api(client.ApiClient(configuration))
+        self._api = client.DiscoveryV1Api(api_client(api_url, kubeconfig))
         self._slices: dict[str, tuple[str, ...]] = {}
         self._version: str | None = None  # resourceVersion to watch from
         self._stop = threading.Event()

@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +170,8 @@ class Store:
             raise ValueError("at least one tier is needed")
         self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)  # notified when space may free up
+        # Called (under the store's lock: never block) with the id of each removed object.
+        self.removed_listeners: list[Callable[[str], None]] = []
         self._gid = _resolve_group(group) if group else None
         self.tiers = [self._open_tier(config) for config in tiers]
         self._pins: dict[str, set[str]] = {}
@@ -522,6 +524,8 @@ class Store:
             obj.retired = True
             self._retire_directory(tier, obj.directory)
             self._room.notify_all()
+        for listener in list(self.removed_listeners):
+            listener(obj.id)
 
     def _enforce_quota(self, tier: Tier) -> None:
         """After a restart with a smaller quota: evict until usage fits."""

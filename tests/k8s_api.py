@@ -66,6 +66,9 @@ class KubeApiServer:
         self._closing = False
         self._cond = threading.Condition()
         self.open_watches = 0
+        self.nodes: dict[str, dict[str, str]] = {}  # Node name -> its labels
+        self.patches: list[tuple[str, str, dict[str, Any]]] = []  # name, content type, body
+        self.refuse_patches = 0  # answer the next N node patches with 503
         handler = type("Handler", (_Handler,), {"api": self})
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -187,9 +190,50 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def _node_name(self, path: str) -> str | None:
+        prefix = "/api/v1/nodes/"
+        return path[len(prefix) :] if path.startswith(prefix) else None
+
+    def _node(self, name: str) -> dict[str, Any]:
+        labels = self.api.nodes[name]
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+    def do_PATCH(self) -> None:
+        api = self.api
+        name = self._node_name(urlsplit(self.path).path)
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        with api._cond:
+            api.patches.append((name or "", self.headers.get("Content-Type", ""), body))
+            refuse = api.refuse_patches > 0
+            api.refuse_patches -= int(refuse)
+        if refuse:
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, _status(503, "Unavailable", "try later"))
+            return
+        if name is None or name not in api.nodes:
+            self._json(HTTPStatus.NOT_FOUND, _status(404, "NotFound", f"node {name} not found"))
+            return
+        with api._cond:
+            for key, value in ((body.get("metadata") or {}).get("labels") or {}).items():
+                if value is None:
+                    api.nodes[name].pop(key, None)
+                else:
+                    api.nodes[name][key] = value
+            node = self._node(name)
+        self._json(HTTPStatus.OK, node)
+
     def do_GET(self) -> None:
         api = self.api
         url = urlsplit(self.path)
+        name = self._node_name(url.path)
+        if name is not None:
+            api._record({"path": url.path, "query": {}, "watch": False, "authorized": True})
+            if name not in api.nodes:
+                self._json(HTTPStatus.NOT_FOUND, _status(404, "NotFound", f"node {name}"))
+                return
+            with api._cond:
+                node = self._node(name)
+            self._json(HTTPStatus.OK, node)
+            return
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         watching = query.get("watch", "").lower() in ("true", "1")
         authorized = api.token is None or (
