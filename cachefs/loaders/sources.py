@@ -1,0 +1,424 @@
+"""Where a model's bytes come from: local files, or objects read through the cache.
+
+A source is a local path (a ``.safetensors`` file, an index file, or a directory of
+shards) or a URL (``cachefs::s3://bucket/model/``, or a plain ``s3://...``: every URL
+is read through the cache). A directory or prefix loads the shards its
+``model.safetensors.index.json`` names, else every ``*.safetensors`` in it.
+
+A ``Shard`` reads byte ranges into buffers the caller owns. A local file is read with
+``preadv``. A cached object is read from its verified data file once it is complete
+and visible on this host, and through the cache client (``readinto``) before that,
+while a background prefetch fills it ahead of the reads. Nothing here imports the
+gRPC client or the engine unless a URL is given.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cachefs.loaders.errors import MissingShardError, SafetensorsFormatError
+
+if TYPE_CHECKING:
+    from cachefs.api import CacheClient, ObjectInfo
+
+log = logging.getLogger("cachefs.loaders")
+
+INDEX_NAME = "model.safetensors.index.json"
+_URL_PREFIXES = ("cachefs::", "cachefs://")
+try:
+    _IOV_MAX = max(1, min(os.sysconf("SC_IOV_MAX"), 1024))
+except (ValueError, OSError, AttributeError):  # pragma: no cover - not on Linux
+    _IOV_MAX = 16
+
+
+def is_url(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names an object through the cache rather than a local path."""
+    text = os.fspath(source)
+    return text.startswith(_URL_PREFIXES) or "://" in text
+
+
+def origin_url(source: str) -> str:
+    """``source`` without a leading ``cachefs::``: the origin URL it reads."""
+    for prefix in _URL_PREFIXES:
+        if source.startswith(prefix):
+            return source[len(prefix) :]
+    return source
+
+
+class Shard:
+    """One safetensors file: a name for messages, a size, and ranged reads."""
+
+    name: str
+    size: int
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) (fewer only at the end of the file)."""
+        raise NotImplementedError
+
+    def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` (consecutive in the file) with the bytes from ``offset``."""
+        raise NotImplementedError
+
+    def local_fd(self) -> int | None:
+        """A descriptor of the complete local file, if the shard reads one now."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def preadv_full(fd: int, views: Sequence[memoryview], offset: int, name: str) -> None:
+    """``preadv`` until every view is full; a short file is an error naming ``name``."""
+    pending = [v for v in views if len(v)]
+    while pending:
+        batch = pending[:_IOV_MAX]
+        got = os.preadv(fd, batch, offset)
+        if got == 0:
+            raise SafetensorsFormatError(
+                name,
+                f"the file ended at byte {offset} while reading tensor data (it was cut "
+                "short after its header was read)",
+            )
+        offset += got
+        while got and pending:
+            first = pending[0]
+            if got >= len(first):
+                got -= len(first)
+                pending.pop(0)
+            else:
+                pending[0] = first[got:]
+                got = 0
+
+
+class LocalShard(Shard):
+    """A file on a local file system."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.name = os.fspath(path)
+        self._fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.fstat(self._fd).st_size
+        self.local_reads = 0
+
+    def read(self, start: int, end: int) -> bytes:
+        return os.pread(self._fd, max(0, end - start), start)
+
+    def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        self.local_reads += 1
+        preadv_full(self._fd, views, offset, self.name)
+
+    def local_fd(self) -> int | None:
+        return self._fd if self._fd >= 0 else None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class CachedShard(Shard):
+    """An object read through the cache, pinned to the version seen when resolved.
+
+    Reads go to the object's verified data file once the cache has all of it and this
+    host can see the file (``switch_to_local``); before that through the client, which
+    waits for the blocks the prefetch is filling, or fills them itself.
+    """
+
+    def __init__(self, client: CacheClient, url: str, info: ObjectInfo) -> None:
+        self.client = client
+        self.url = url
+        self.info = info
+        self.name = info.url
+        self.size = info.size
+        self._fd = -1
+        self._lock = threading.Lock()
+        self.local_reads = 0  # reads served from the data file, and through the client
+        self.client_reads = 0
+        path = client.local_path(info) if info.complete else None
+        if path is not None:
+            self._open(path)
+
+    @property
+    def local(self) -> bool:
+        return self._fd >= 0
+
+    def local_fd(self) -> int | None:
+        return self._fd if self._fd >= 0 else None
+
+    def _open(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return  # evicted or replaced since: keep reading through the client
+        if os.fstat(fd).st_size != self.size:
+            os.close(fd)
+            return
+        with self._lock:
+            if self._fd < 0:
+                self._fd = fd
+                return
+        os.close(fd)
+
+    def switch_to_local(self) -> bool:
+        """Read from the data file from now on, if the object is complete and visible."""
+        if self.local:
+            return True
+        try:
+            current = self.client.stat(self.url)
+        except OSError:
+            return False
+        if current.id != self.info.id:
+            return False  # the origin has a new version: stay on the pinned one
+        path = self.client.local_path(current)
+        if path is not None:
+            self._open(path)
+        return self.local
+
+    def read(self, start: int, end: int) -> bytes:
+        end = min(end, self.size)
+        if end <= start:
+            return b""
+        if self.local:
+            return os.pread(self._fd, end - start, start)
+        return self.client.read(self.info, start, end)
+
+    def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        fd = self._fd
+        if fd >= 0:
+            self.local_reads += 1
+            preadv_full(fd, views, offset, self.name)
+            return
+        self.client_reads += 1
+        for view in views:
+            if len(view):
+                self.client.readinto(self.info, offset, view)
+                offset += len(view)
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+@dataclass
+class Resolved:
+    """A source as shards, and what the index (if any) says they hold."""
+
+    shards: list[Shard]
+    index: str | None = None  # the index file's path or URL
+    weight_map: dict[str, str] = field(default_factory=dict)  # tensor -> shard's name
+    prefetch: Prefetch | None = None
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+
+class Prefetch:
+    """A background prefetch of the objects being loaded, so blocks arrive before
+    the reads ask for them; once it ends the shards read their data files."""
+
+    def __init__(self, client: CacheClient, shards: Sequence[CachedShard]) -> None:
+        self.client = client
+        self.shards = list(shards)
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cachefs-loader-prefetch")
+        self._thread.daemon = True
+
+    def start(self) -> Prefetch:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.client.prefetch([s.url for s in self.shards])
+        except BaseException as exc:  # the reads go on through the client and report
+            self.error = exc
+            log.debug("background prefetch failed: %s", exc)
+        else:
+            for shard in self.shards:
+                shard.switch_to_local()
+        finally:
+            self.done.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+
+# -- resolving a source ------------------------------------------------------------
+
+
+def resolve(
+    source: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+    prefetch: bool = True,
+) -> Resolved:
+    """The shards ``source`` names, opened; a background prefetch for cached ones."""
+    if is_url(source):
+        return _resolve_url(origin_url(os.fspath(source)), storage_options, filesystem, prefetch)
+    if storage_options or filesystem is not None:
+        raise ValueError(
+            f"{os.fspath(source)!r} is a local path: storage_options and filesystem apply "
+            "to URLs only"
+        )
+    return _resolve_local(Path(source))
+
+
+def _resolve_local(path: Path) -> Resolved:
+    if path.is_dir():
+        index = path / INDEX_NAME
+        if index.is_file():
+            return _local_index(index)
+        files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+        if not files:
+            raise FileNotFoundError(
+                errno.ENOENT, f"{path} holds no *.safetensors files and no {INDEX_NAME}"
+            )
+        return Resolved(_open_all(LocalShard, files))
+    if path.name.endswith(".index.json"):
+        return _local_index(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, f"{path}: no such file or directory")
+    return Resolved([LocalShard(path)])
+
+
+def _local_index(index: Path) -> Resolved:
+    weight_map = parse_index(str(index), index.read_bytes())
+    shards = []
+    for name, tensor in _shard_names(weight_map):
+        path = index.parent / name
+        if not path.is_file():
+            raise MissingShardError(str(index), name, tensor, f"file {path}")
+        shards.append(path)
+    opened = _open_all(LocalShard, shards)
+    by_file = {name: opened[i].name for i, (name, _) in enumerate(_shard_names(weight_map))}
+    return Resolved(opened, str(index), {t: by_file[s] for t, s in weight_map.items()})
+
+
+def _open_all(opener: Callable[..., Shard], items: Sequence[Any]) -> list[Shard]:
+    opened: list[Shard] = []
+    try:
+        for item in items:
+            opened.append(opener(item))
+    except BaseException:
+        for shard in opened:
+            shard.close()
+        raise
+    return opened
+
+
+def parse_index(name: str, raw: bytes) -> dict[str, str]:
+    """The ``weight_map`` of an index file: tensor name -> shard file name."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SafetensorsFormatError(name, f"not valid JSON ({exc})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise SafetensorsFormatError(
+            name, "has no weight_map object of tensor names to shard file names"
+        )
+    for tensor, shard in weight_map.items():
+        parts = shard.split("/")
+        if shard.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise SafetensorsFormatError(
+                name, f"names the shard {shard!r}, which is not a path inside its directory", tensor
+            )
+    return weight_map
+
+
+def _shard_names(weight_map: dict[str, str]) -> list[tuple[str, str]]:
+    """(shard file name, the first tensor the index puts in it), sorted by name."""
+    first: dict[str, str] = {}
+    for tensor, shard in weight_map.items():
+        first.setdefault(shard, tensor)
+    return sorted(first.items())
+
+
+def _filesystem(storage_options: dict[str, Any] | None, filesystem: Any) -> Any:
+    if filesystem is not None:
+        if storage_options:
+            raise ValueError("give either storage_options or filesystem, not both")
+        return filesystem
+    import fsspec
+
+    return fsspec.filesystem("cachefs", **(storage_options or {}))
+
+
+def client_of(storage_options: dict[str, Any] | None, filesystem: Any) -> CacheClient:
+    """The cache client of the ``cachefs`` filesystem these options make."""
+    return _filesystem(storage_options, filesystem).client
+
+
+def _resolve_url(
+    url: str, storage_options: dict[str, Any] | None, filesystem: Any, prefetch: bool
+) -> Resolved:
+    client = client_of(storage_options, filesystem)
+    index_url: str | None = None
+    shard_urls: list[str] = []
+    if url.endswith(".index.json"):
+        index_url = url
+    elif not url.endswith("/"):
+        try:
+            info = client.stat(url)
+        except IsADirectoryError:
+            url += "/"
+        except FileNotFoundError:
+            url += "/"  # maybe a prefix without its slash: the listing will tell
+        else:
+            return _start(Resolved([CachedShard(client, url, info)]), client, prefetch)
+    if index_url is None:
+        prefix = url
+        names = {
+            entry["name"]: entry
+            for entry in client.ls(prefix)
+            if entry.get("type", "file") == "file"
+        }
+        candidate = prefix + INDEX_NAME
+        if any(n == candidate or n.endswith("/" + INDEX_NAME) for n in names):
+            index_url = candidate
+        else:
+            shard_urls = sorted(n for n in names if n.endswith(".safetensors"))
+            if not shard_urls:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"{prefix} holds no *.safetensors objects and no {INDEX_NAME}"
+                )
+            shards = _open_all(lambda u: CachedShard(client, u, client.stat(u)), shard_urls)
+            return _start(Resolved(shards), client, prefetch)
+    info = client.stat(index_url)
+    weight_map = parse_index(info.url, client.read(info, 0, info.size))
+    base = index_url.rsplit("/", 1)[0] + "/"
+    shards_and_firsts = _shard_names(weight_map)
+
+    def open_shard(item: tuple[str, str]) -> Shard:
+        name, tensor = item
+        shard_url = base + name
+        try:
+            shard_info = client.stat(shard_url)
+        except (FileNotFoundError, IsADirectoryError):
+            raise MissingShardError(info.url, name, tensor, f"object {shard_url}") from None
+        return CachedShard(client, shard_url, shard_info)
+
+    shards = _open_all(open_shard, shards_and_firsts)
+    by_file = {name: shards[i].name for i, (name, _) in enumerate(shards_and_firsts)}
+    resolved = Resolved(shards, info.url, {t: by_file[s] for t, s in weight_map.items()})
+    return _start(resolved, client, prefetch)
+
+
+def _start(resolved: Resolved, client: CacheClient, prefetch: bool) -> Resolved:
+    cold = [s for s in resolved.shards if isinstance(s, CachedShard) and not s.local]
+    if prefetch and cold:
+        resolved.prefetch = Prefetch(client, cold).start()
+    return resolved
