@@ -379,6 +379,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("node", "csi"):
         try:
             return _node(args) if args.command == "node" else _csi(args)
+        except ImportError as exc:
+            err.write(
+                f"cachefs: error: cachefs {args.command} needs the daemon's packages "
+                f"({exc.name} is missing): pip install 'cachefs[daemon]', or 'cachefs[node]' "
+                "for every origin backend too\n"
+            )
+            return EXIT_FAILURE
         except Exception as exc:  # a node that cannot start: one line, non-zero exit
             err.write(f"cachefs: error: {_one_line(exc)}\n")
             return EXIT_FAILURE
