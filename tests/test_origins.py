@@ -372,3 +372,13 @@ def test_s3_metadata_errors_use_cachefs_retries(s3: S3Bucket, cache_dir: Path) -
         assert s3.heads("meta.bin") == ATTEMPTS
     finally:
         engine.close()
+
+
+def test_an_etag_has_one_spelling_whether_head_or_a_listing_gave_it() -> None:
+    from node.origins.s3 import quoted_etag
+
+    # rclone's S3 server quotes ETags in HEAD answers but not in listings.
+    assert quoted_etag("810c05c3") == quoted_etag('"810c05c3"') == '"810c05c3"'
+    assert quoted_etag('W/"weak"') == 'W/"weak"'
+    assert quoted_etag(' "x" ') == '"x"'
+    assert quoted_etag("") is None and quoted_etag(None) is None

@@ -126,22 +126,24 @@ class S3Backend:
         headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         if headers.get("x-amz-bucket-region"):  # presign for the bucket's own region
             self._bucket_regions.setdefault(bucket, headers["x-amz-bucket-region"])
-        etag = head.get("ETag")
+        etag = quoted_etag(head.get("ETag"))
         size = int(head.get("ContentLength") or 0)
         version = f"etag:{etag}" if etag else f"size:{size}:{head.get('LastModified')}"
         return ObjectRef(url=url, version=version, size=size, etag=etag)
 
     def list(self, url: OriginURL) -> list[ObjectRef]:
         # A listing's ETag is the HEAD's: keep it, so reads of these refs carry If-Match.
-        return [
-            dataclasses.replace(ref, etag=ref.version.removeprefix("etag:"))
-            if ref.version.startswith("etag:")
-            else ref
-            for ref in self._lister().list(url)
-        ]
+        refs = []
+        for ref in self._lister().list(url):
+            if ref.version.startswith("etag:"):
+                etag = quoted_etag(ref.version.removeprefix("etag:"))
+                ref = dataclasses.replace(ref, version=f"etag:{etag}", etag=etag)
+            refs.append(ref)
+        return refs
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
         return self._lister().ls(url)
+
 
     def _lister(self) -> Any:
         """s3fs, for listings only (its ETags match HEAD's, so versions agree)."""
@@ -191,3 +193,18 @@ class S3Backend:
 def _split(url: OriginURL) -> tuple[str, str]:
     bucket, _, key = url.path.partition("/")
     return bucket, key
+
+
+def quoted_etag(etag: str | None) -> str | None:
+    """An ETag in one spelling, quoted as HEAD answers it.
+
+    Some S3 servers (rclone's) quote it in HEAD answers but not in listings; the
+    version must not depend on which one a node asked, or a prefetched object would
+    look like another version to every later stat.
+    """
+    if not etag:
+        return None
+    etag = etag.strip()
+    if etag.startswith('"') or etag.startswith('W/"'):
+        return etag
+    return f'"{etag}"'
