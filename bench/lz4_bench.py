@@ -39,9 +39,13 @@ def weights(size: int, dtype: str) -> bytes:
 def tokenizer(size: int) -> bytes:
     rng = random.Random(7)
     vocab: dict[str, int] = {}
-    while len(json.dumps(vocab)) < size:
+    length = 0
+    while length < size:
         word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9)))
-        vocab.setdefault(("Ġ" if rng.random() < 0.5 else "") + word, len(vocab))
+        token = ("Ġ" if rng.random() < 0.5 else "") + word
+        if token not in vocab:
+            vocab[token] = len(vocab)
+            length += len(token) + 12  # quotes, colon, id, comma, space
     return json.dumps({"model": {"type": "BPE", "vocab": vocab}}).encode()[:size]
 
 
