@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -26,6 +23,7 @@ from csi.identity import IdentityService
 from csi.node import NodeService
 from csi.proto import csi_pb2_grpc as csi_grpc
 from csi.volumes import VolumeRecords
+from node.signals import wait_for_termination
 
 log = logging.getLogger("cachefs.csi")
 DEFAULT_CSI_ENDPOINT = "unix:///csi/csi.sock"
@@ -98,14 +96,6 @@ class Plugin:
 def run(settings: PluginSettings) -> int:
     plugin = Plugin(settings)
     plugin.start()
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stopping.wait(1.0):
-        pass
+    wait_for_termination()
     plugin.stop()
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import grp
 import logging
 import os
-import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from node.engine import Engine
 from node.labels import SourceLabels
 from node.metrics import NodeCollector, serve_metrics
 from node.server import MAX_CHUNK, CacheServicer, node_id_default
+from node.signals import wait_for_termination
 
 log = logging.getLogger("cachefs.node")
 SERVICE_NAME = "cachefs.v1.Cache"
@@ -205,16 +205,7 @@ def run(config: Config, listeners: Listeners) -> int:
     """Serve until SIGTERM/SIGINT, then drain; the exit status."""
     node = Node(config, listeners)
     log.info("serving", extra={"node_id": node.servicer.node_id, **node.bound})
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stopping.wait(1.0):
-        pass
+    wait_for_termination()
     node.stop()
     return 0
 
