@@ -1,8 +1,10 @@
 """Fan-out: a model onto 1, 2, 4 and 8 nodes, as a cluster and each node alone.
 
     python bench/fanout_bench.py [--size 1GiB] [--nodes 1 2 4 8] [--modes cluster alone]
-                                 [--rate 50MB] [--delay 0.03] [--plot bench/fanout.png]
+                                 [--runs 2] [--rate 50MB] [--delay 0.03]
+                                 [--origin-cpus 0] [--node-cpus 1] [--plot bench/fanout.png]
     python bench/fanout_bench.py --check-proxy     # what the throttled origin sustains
+    python bench/fanout_bench.py --report bench/out/fanout.json   # tables and plot again
 
 The origin is ``rclone serve s3`` behind ``throttle.py``, a proxy that holds the
 first byte of each response for ``--delay`` seconds and paces each connection to
@@ -244,6 +246,14 @@ def node_env(proxy: Proxy, origin: Origin, work: Path) -> dict[str, str]:
     return env
 
 
+def node_cpus(spec: str | None, index: int) -> str | None:
+    """The CPUs of node ``index``: ``0,1`` for every node, ``0/1`` for one list each in turn."""
+    if not spec:
+        return None
+    lists = spec.split("/")
+    return lists[index % len(lists)]
+
+
 def start_nodes(
     count: int, mode: str, run_dir: Path, cache_root: Path, env: dict[str, str], cpus: str | None
 ) -> list[Node]:
@@ -273,7 +283,7 @@ def start_nodes(
             log = run_dir / f"node-{i + 1}.log"
             with log.open("wb") as log_file:
                 process = subprocess.Popen(
-                    pinned(argv, cpus),
+                    pinned(argv, node_cpus(cpus, i)),
                     env=env,
                     cwd=REPO,
                     stdin=subprocess.DEVNULL,
@@ -637,7 +647,7 @@ def check_proxy(bench_args: argparse.Namespace, origin: Origin, proxy: Proxy, ke
                         str(share),
                         str(seconds),
                     ],
-                    bench_args.node_cpus,
+                    node_cpus(bench_args.node_cpus, 0),
                 ),
                 stdout=subprocess.PIPE,
                 text=True,
@@ -857,12 +867,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=parse_rate, default=50e6, help="per connection (50MB)")
     parser.add_argument("--delay", type=float, default=0.03, help="seconds to first byte")
     parser.add_argument("--origin-cpus", default="0", help="taskset CPUs of rclone and the proxy")
-    parser.add_argument("--node-cpus", default="1", help="taskset CPUs of the nodes and clients")
+    parser.add_argument(
+        "--node-cpus",
+        default="1",
+        help="taskset CPUs of the nodes and the driver; '0/1': node i gets list i mod 2",
+    )
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     parser.add_argument("--cache-root", type=Path, help="where cache directories go (--work)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     parser.add_argument("--plot", type=Path, default=REPO / "bench" / "fanout.png")
-    parser.add_argument("--runs", type=int, default=1, help="runs per configuration (1)")
+    parser.add_argument("--runs", type=int, default=2, help="runs per configuration (2)")
     parser.add_argument(
         "--report", type=Path, help="only render the tables and plot of a fanout.json"
     )
@@ -907,7 +921,7 @@ def _run(args: argparse.Namespace, work: Path, modes: Sequence[str]) -> int:
         proxy,
     ):
         if args.node_cpus:  # the driver (the user's prefetch calls) runs beside the nodes
-            os.sched_setaffinity(0, _cpu_list(args.node_cpus))
+            os.sched_setaffinity(0, _cpu_list(args.node_cpus.replace("/", ",")))
         if args.check_proxy:
             shard = next(iter(files))
             text = check_proxy(args, origin, proxy, shard)
@@ -917,7 +931,7 @@ def _run(args: argparse.Namespace, work: Path, modes: Sequence[str]) -> int:
         if args.load_wait > 0:
             wait_for_quiet(QUIET_LOAD, args.load_wait)
         start_load = os.getloadavg()[0]
-        machine = Machine(args.node_cpus)
+        machine = Machine(node_cpus(args.node_cpus, 0))
         bench = Bench(args, work, root, files, origin, proxy, machine)
         runs: list[Result] = []
         for run in range(args.runs):

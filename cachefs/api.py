@@ -46,7 +46,8 @@ class JobStatus:
     bytes_done: int = 0
     objects_total: int = 0
     objects_done: int = 0
-    fetched_bytes: int = 0
+    fetched_bytes: int = 0  # from origins
+    peer_bytes: int = 0  # from other nodes of the cluster
     cached_before: int = 0
     evicted_during: int = 0
     seconds: float = 0.0

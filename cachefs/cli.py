@@ -178,6 +178,7 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     "objects_done": progress.objects_done,
                     "objects_total": progress.objects_total,
                     "fetched_bytes": progress.fetched_bytes,
+                    "peer_bytes": progress.peer_bytes,
                     "seconds": round(progress.elapsed, 3),
                 },
             )
@@ -200,12 +201,14 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         else:
             out.write(f"{result.id}\n")
         return 0
-    rate = result.fetched_bytes / result.seconds if result.seconds > 0 else 0.0
+    moved = result.fetched_bytes + result.peer_bytes
+    rate = moved / result.seconds if result.seconds > 0 else 0.0
     summary = {
         "event": "done",
         "bytes": result.bytes_total,
         "objects": result.objects_total,
         "fetched_bytes": result.fetched_bytes,
+        "peer_bytes": result.peer_bytes,
         "cached_bytes": result.cached_before,
         "evicted_during": result.evicted_during,
         "seconds": round(result.seconds, 3),
@@ -220,7 +223,8 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(
             f"prefetched {result.objects_total} objects, {format_size(result.bytes_total)} "
             f"({format_size(result.fetched_bytes)} from the origin, "
-            f"{format_size(result.cached_before)} already cached) in {result.seconds:.1f}s"
+            + (f"{format_size(result.peer_bytes)} from peers, " if result.peer_bytes else "")
+            + f"{format_size(result.cached_before)} already cached) in {result.seconds:.1f}s"
             + (f", pinned by {holder}" if holder else "")
             + "\n"
         )

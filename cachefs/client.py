@@ -461,6 +461,7 @@ def _job_status(message: pb.JobStatus) -> JobStatus:
         objects_total=message.objects_total,
         objects_done=message.objects_done,
         fetched_bytes=message.fetched_bytes,
+        peer_bytes=message.peer_bytes,
         cached_before=message.cached_before,
         evicted_during=message.evicted_during,
         seconds=message.seconds,

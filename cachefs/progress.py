@@ -29,7 +29,8 @@ class ProgressBar:
         self._last = now
         total = max(progress.bytes_total, 1)
         filled = int(_WIDTH * progress.bytes_done / total)
-        rate = progress.fetched_bytes / progress.elapsed if progress.elapsed > 0 else 0.0
+        fetched = progress.fetched_bytes + progress.peer_bytes
+        rate = fetched / progress.elapsed if progress.elapsed > 0 else 0.0
         left = progress.bytes_total - progress.bytes_done
         eta = f"{left / rate:.0f}s" if rate > 0 and left > 0 else "-"
         self._stream.write(

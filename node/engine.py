@@ -52,7 +52,8 @@ class Progress:
     bytes_done: int = 0
     objects_total: int = 0
     objects_done: int = 0
-    fetched_bytes: int = 0
+    fetched_bytes: int = 0  # from origins
+    peer_bytes: int = 0  # from other nodes
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -86,6 +87,7 @@ class PrefetchResult:
     bytes: int
     objects: int
     fetched_bytes: int
+    peer_bytes: int
     cached_before: int
     evicted_during: int
     seconds: float
@@ -478,10 +480,14 @@ class Engine:
                     if future.cancelled() or future.exception() is not None:
                         return
                     start, end = obj.header.block_span(index)
-                    if future.result().data is not None:
+                    filled = future.result()
+                    if filled.data is not None:
                         uncached.append(ref.canonical)
                     state.bytes_done += end - start
-                    state.fetched_bytes += end - start
+                    if filled.source == "peer":
+                        state.peer_bytes += end - start
+                    elif filled.source == "origin":
+                        state.fetched_bytes += end - start
                     remaining[ref.id] -= 1
                     if remaining[ref.id] == 0:
                         state.objects_done += 1
@@ -515,6 +521,7 @@ class Engine:
             bytes=manifest.size,
             objects=len(manifest.objects),
             fetched_bytes=state.fetched_bytes,
+            peer_bytes=state.peer_bytes,
             cached_before=cached_before,
             evicted_during=evicted,
             seconds=state.elapsed,

@@ -41,6 +41,7 @@ def status_of_progress(
         objects_total=progress.objects_total,
         objects_done=progress.objects_done,
         fetched_bytes=progress.fetched_bytes,
+        peer_bytes=progress.peer_bytes,
         seconds=progress.elapsed,
     )
 
@@ -56,6 +57,7 @@ def status_of_result(job_id: str, sources: Sequence[str], result: PrefetchResult
         objects_total=result.objects,
         objects_done=result.objects,
         fetched_bytes=result.fetched_bytes,
+        peer_bytes=result.peer_bytes,
         cached_before=result.cached_before,
         evicted_during=result.evicted_during,
         seconds=result.seconds,
@@ -210,7 +212,11 @@ class JobRegistry:
             return
         job.update(status_of_result(job.id, sources, result))
         log.info(
-            "job %s done: %d bytes, %d from the origin", job.id, result.bytes, result.fetched_bytes
+            "job %s done: %d bytes, %d from the origin, %d from peers",
+            job.id,
+            result.bytes,
+            result.fetched_bytes,
+            result.peer_bytes,
         )
 
     def _forget_old(self) -> None:

@@ -375,6 +375,7 @@ def _job_message(status: Any) -> pb.JobStatus:
         objects_total=status.objects_total,
         objects_done=status.objects_done,
         fetched_bytes=status.fetched_bytes,
+        peer_bytes=status.peer_bytes,
         cached_before=status.cached_before,
         evicted_during=status.evicted_during,
         seconds=status.seconds,

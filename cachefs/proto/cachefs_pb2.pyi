@@ -116,7 +116,7 @@ class JobRef(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("id", "state", "sources", "pin_holder", "bytes_total", "bytes_done", "objects_total", "objects_done", "fetched_bytes", "cached_before", "evicted_during", "seconds", "error", "error_kind", "nodes_total", "nodes_done")
+    __slots__ = ("id", "state", "sources", "pin_holder", "bytes_total", "bytes_done", "objects_total", "objects_done", "fetched_bytes", "cached_before", "evicted_during", "seconds", "error", "error_kind", "nodes_total", "nodes_done", "peer_bytes")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[JobStatus.State]
@@ -145,6 +145,7 @@ class JobStatus(_message.Message):
     ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     NODES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NODES_DONE_FIELD_NUMBER: _ClassVar[int]
+    PEER_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobStatus.State
     sources: _containers.RepeatedScalarFieldContainer[str]
@@ -161,7 +162,8 @@ class JobStatus(_message.Message):
     error_kind: str
     nodes_total: int
     nodes_done: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobStatus.State, str]] = ..., sources: _Optional[_Iterable[str]] = ..., pin_holder: _Optional[str] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., objects_total: _Optional[int] = ..., objects_done: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., cached_before: _Optional[int] = ..., evicted_during: _Optional[int] = ..., seconds: _Optional[float] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., nodes_total: _Optional[int] = ..., nodes_done: _Optional[int] = ...) -> None: ...
+    peer_bytes: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobStatus.State, str]] = ..., sources: _Optional[_Iterable[str]] = ..., pin_holder: _Optional[str] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., objects_total: _Optional[int] = ..., objects_done: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., cached_before: _Optional[int] = ..., evicted_during: _Optional[int] = ..., seconds: _Optional[float] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ..., nodes_total: _Optional[int] = ..., nodes_done: _Optional[int] = ..., peer_bytes: _Optional[int] = ...) -> None: ...
 
 class UnpinRequest(_message.Message):
     __slots__ = ("holder", "sources")

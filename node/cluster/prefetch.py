@@ -61,6 +61,7 @@ def run_cluster_prefetch(
             objects_total=len(manifest.objects) * len(members),
             objects_done=sum(s.objects_done for s in statuses),
             fetched_bytes=sum(s.fetched_bytes for s in statuses),
+            peer_bytes=sum(s.peer_bytes for s in statuses),
             cached_before=sum(s.cached_before for s in statuses),
             seconds=max((s.seconds for s in statuses), default=0.0),
             nodes_total=len(members),

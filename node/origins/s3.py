@@ -144,7 +144,6 @@ class S3Backend:
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
         return self._lister().ls(url)
 
-
     def _lister(self) -> Any:
         """s3fs, for listings only (its ETags match HEAD's, so versions agree)."""
         from node.origins.generic import FsspecBackend
