@@ -385,7 +385,7 @@ class Engine:
 
     def block_for_peer(
         self, ref: ObjectRef, block_size: int, index: int, fill: bool, forwarded: bool
-    ) -> tuple[bytes, int] | None:
+    ) -> tuple[bytearray, int] | None:
         """Block ``index`` of ``ref`` and its checksum, for another node.
 
         From the store if present (verified), else filled once (single flight with
@@ -409,7 +409,7 @@ class Engine:
                     checksum = obj.present.get(index)
                     if checksum is not None and self.store.read(obj, index, 0, memoryview(buffer)):
                         self.stats.to_peer(end - start)
-                        return bytes(buffer), checksum
+                        return buffer, checksum
             if not fill:
                 return None
             obj = self.store.place(header)
@@ -419,7 +419,7 @@ class Engine:
             filled = future.result()
             if filled.data is not None:  # no room here: hand on what was fetched
                 self.stats.to_peer(end - start)
-                return bytes(filled.data), xxhash.xxh3_64_intdigest(filled.data)
+                return filled.data, xxhash.xxh3_64_intdigest(filled.data)
         raise IntegrityError(
             f"{ref.canonical}: block {index} could not be read back intact for a peer"
         )

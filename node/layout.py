@@ -124,3 +124,13 @@ def write_file_atomic(path: Path, payload: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def make_parents(path: Path) -> None:
+    """Create the missing parents of ``path`` 0755, whatever the umask."""
+    for parent in reversed(path.parents):
+        try:
+            parent.mkdir()
+        except FileExistsError:
+            continue
+        os.chmod(parent, DIR_MODE)

@@ -314,7 +314,8 @@ class CacheServicer(pb_grpc.CacheServicer):
             raise FileNotFoundError(f"block {request.index} of {ref.canonical} is not cached here")
         data, checksum = block
         if corrupt_peer_blocks() and data:  # test-only fault: a peer that lies
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
+            data = bytearray(data)  # a copy: the block may be shared with local readers
+            data[0] ^= 0xFF
         view = memoryview(data)
         for offset in range(0, max(len(data), 1), DEFAULT_CHUNK):
             piece = view[offset : offset + DEFAULT_CHUNK]

@@ -186,7 +186,7 @@ class Store:
         root = config.path
         _warn_if_not_memory(config)
         try:
-            _make_parents(root)
+            layout.make_parents(root)
             root.mkdir(exist_ok=True)
             if self._gid is not None:
                 os.chown(root, -1, self._gid)
@@ -815,16 +815,6 @@ def _pread_exact(path: Path, into: memoryview, offset: int, inode: int) -> bool 
         return False
     finally:
         os.close(fd)
-
-
-def _make_parents(path: Path) -> None:
-    """Create the missing parents of ``path`` 0755, whatever the umask."""
-    for parent in reversed(path.parents):
-        try:
-            parent.mkdir()
-        except FileExistsError:
-            continue
-        os.chmod(parent, layout.DIR_MODE)
 
 
 def _copy_blocks(obj: CachedObject, target: Path, blocks: dict[int, int]) -> None:

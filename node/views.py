@@ -114,15 +114,14 @@ class Views:
             self._remove_everywhere(holder)
             staging = layout.views_dir(root) / f".staging-{uuid.uuid4().hex}"
             try:
-                _make_dirs(staging, root)
+                layout.make_parents(staging / "view")  # staging itself, 0755 whatever the umask
                 for name, _, path in objects:
                     link = staging / name
                     if not link.resolve().is_relative_to(staging.resolve()):
                         raise ValueError(f"{name!r} would leave the view")
-                    _make_dirs(link.parent, staging)
+                    layout.make_parents(link)
                     os.link(path, link)
                 (staging / _RECORD).write_text(json.dumps(record, sort_keys=True))
-                os.chmod(staging, 0o755)
                 os.rename(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -151,14 +150,3 @@ def _read_record(target: Path) -> object:
         return json.loads((target / _RECORD).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _make_dirs(directory: Path, stop: Path) -> None:
-    """mkdir -p with 0755 whatever the umask: pods of any uid list the view."""
-    missing = []
-    while not directory.exists() and directory != stop:
-        missing.append(directory)
-        directory = directory.parent
-    for path in reversed(missing):
-        path.mkdir()
-        os.chmod(path, 0o755)
