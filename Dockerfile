@@ -15,7 +15,10 @@ RUN python -m venv /opt/cachefs
 WORKDIR /src
 # Dependencies first, so that a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN mkdir -p cachefs node csi && touch cachefs/__init__.py node/__init__.py csi/__init__.py \
+# Empty packages stand in for the code (node/ and csi/ install as cachefs.node and
+# cachefs.csi: pyproject.toml lists every package).
+RUN for package in cachefs cachefs/proto cachefs/loaders node node/origins node/cluster \
+        csi csi/proto; do mkdir -p "$package" && touch "$package/__init__.py"; done \
     && /opt/cachefs/bin/pip install '.[node]' \
     && /opt/cachefs/bin/pip uninstall --yes cachefs
 COPY cachefs ./cachefs

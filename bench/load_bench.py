@@ -177,7 +177,7 @@ options, extra = json.loads(options), json.loads(extra)
 if options.get("endpoint"):
     import cachefs.client
 elif options:
-    import cachefs.embedded, node.origins.s3, s3fs
+    import cachefs.node.embedded, cachefs.node.origins.s3, s3fs
 start = time.perf_counter()
 loader = SafetensorsLoader(source, storage_options=options or None, **extra)
 tensors = dict(loader)
@@ -195,7 +195,7 @@ CACHEFS_PREFETCH_THEN_LOAD = (
     + """
 import fsspec
 from cachefs.loaders import load_safetensors
-import cachefs.filesystem, cachefs.embedded, node.origins.s3, s3fs
+import cachefs.filesystem, cachefs.node.embedded, cachefs.node.origins.s3, s3fs
 url, cache_dir, digests, extra = sys.argv[1:5]
 extra = json.loads(extra)
 start = time.perf_counter()

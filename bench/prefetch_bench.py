@@ -168,9 +168,9 @@ CACHEFS_INPROCESS = """
 import json
 import sys
 import time
-from cachefs.embedded import get_engine
-import node.origins.http
-import node.origins.s3
+from cachefs.node.embedded import get_engine
+import cachefs.node.origins.http
+import cachefs.node.origins.s3
 cache_dir, url = sys.argv[1:3]
 if url.startswith("s3://"):
     import s3fs  # imported by the backend on first use: an import, so untimed

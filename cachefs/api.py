@@ -1,7 +1,7 @@
 """What every cache client offers, and ``connect`` which picks one.
 
 A client is either a ``NodeClient`` (``cachefs.client``: gRPC to the node named by
-``CACHEFS_ENDPOINT`` or ``endpoint=``) or an ``EmbeddedClient`` (``cachefs.embedded``:
+``CACHEFS_ENDPOINT`` or ``endpoint=``) or an ``EmbeddedClient`` (``cachefs.node.embedded``:
 the engine in this process, on a local cache directory). The fsspec filesystem and
 the CLI are written against ``CacheClient`` only, so both modes behave alike.
 """
@@ -147,6 +147,6 @@ def connect(
         from cachefs.client import get_client
 
         return get_client(endpoint, timeout=timeout)
-    from cachefs.embedded import EmbeddedClient
+    from cachefs.node.embedded import EmbeddedClient
 
     return EmbeddedClient(cache_dir, config, options)

@@ -218,7 +218,7 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         _emit(out, summary)
     else:
-        from node.units import format_size
+        from cachefs.units import format_size
 
         out.write(
             f"prefetched {result.objects_total} objects, {format_size(result.bytes_total)} "
@@ -237,7 +237,7 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _ls(args: argparse.Namespace, out: TextIO) -> int:
-    from node.units import format_size
+    from cachefs.units import format_size
 
     for entry in _client(args).cached(args.source):
         record = {
@@ -279,7 +279,7 @@ def _unpin(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> int:
-    from node.units import format_size
+    from cachefs.units import format_size
 
     status = _client(args).status()
     if args.json:
@@ -315,14 +315,14 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
 def _csi(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from node import logs
+    from cachefs.node import logs
 
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     from pathlib import Path
 
-    from csi.allow import AllowRule
-    from csi.plugin import DEFAULT_CSI_ENDPOINT, DEFAULT_NODE_ENDPOINT, PluginSettings, run
-    from node.config import load_config
+    from cachefs.csi.allow import AllowRule
+    from cachefs.csi.plugin import DEFAULT_CSI_ENDPOINT, DEFAULT_NODE_ENDPOINT, PluginSettings, run
+    from cachefs.node.config import load_config
 
     config = load_config(args.config).csi
     rules = [AllowRule.parse(rule.prefix, rule.namespaces) for rule in config.allow]
@@ -347,11 +347,11 @@ def _node(args: argparse.Namespace) -> int:
     # gRPC's core writes its own lines to stderr (a failed TLS handshake of any client):
     # only errors, so that the log stays JSON lines in all but grave cases.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from node import logs
+    from cachefs.node import logs
 
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
-    from node.config import load_config
-    from node.daemon import Listeners, default_socket, run
+    from cachefs.node.config import load_config
+    from cachefs.node.daemon import Listeners, default_socket, run
 
     overrides: dict[str, Any] = {"cache_dir": args.cache_dir}
     config = load_config(args.config, overrides)
@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(args, out)
         if args.command == "label":
-            from node.labels import READY, canonical_source, label_key
+            from cachefs.node.labels import READY, canonical_source, label_key
 
             record = {
                 "source": canonical_source(args.source),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, TextIO
 
-from node.units import format_size
+from cachefs.units import format_size
 
 _WIDTH = 28
 _INTERVAL = 0.1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from node.urls import parse_url
+from cachefs.urls import parse_url
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import xxhash
-
-from node.layout import write_file_atomic
+from cachefs.node.layout import write_file_atomic
 
 
 @dataclass(frozen=True)

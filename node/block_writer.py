@@ -18,13 +18,13 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 import xxhash
+from cachefs.node import layout
+from cachefs.node.faults import crash_point, should_crash
 
 from cachefs.errors import IntegrityError
-from node import layout
-from node.faults import crash_point, should_crash
 
 if TYPE_CHECKING:
-    from node.store import CachedObject, Store
+    from cachefs.node.store import CachedObject, Store
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import platformdirs
 
-from node.units import parse_size
+from cachefs.units import parse_size
 
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
 MEDIA = ("memory", "disk")

@@ -20,20 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cachefs.node.auth import TokenInterceptor
+from cachefs.node.cluster.membership import membership_from_config
+from cachefs.node.cluster.peers import Peers
+from cachefs.node.config import Config
+from cachefs.node.engine import Engine
+from cachefs.node.labels import SourceLabels
+from cachefs.node.metrics import NodeCollector, serve_metrics
+from cachefs.node.server import MAX_CHUNK, CacheServicer, node_id_default
+from cachefs.node.signals import wait_for_termination
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cachefs.auth import read_token
 from cachefs.client import TLS_CA_ENV
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
-from node.auth import TokenInterceptor
-from node.cluster.membership import membership_from_config
-from node.cluster.peers import Peers
-from node.config import Config
-from node.engine import Engine
-from node.labels import SourceLabels
-from node.metrics import NodeCollector, serve_metrics
-from node.server import MAX_CHUNK, CacheServicer, node_id_default
-from node.signals import wait_for_termination
 
 log = logging.getLogger("cachefs.node")
 SERVICE_NAME = "cachefs.v1.Cache"
@@ -237,7 +237,7 @@ def _secure_socket(path: Path, mode: int, group: str | None) -> None:
 
 def _source_labels(config: Config, engine: Engine) -> SourceLabels:
     """Node labels for the sources complete here, kept in step with the engine."""
-    from node.kube import NodeLabels
+    from cachefs.node.kube import NodeLabels
 
     cluster = config.cluster
     api = NodeLabels(

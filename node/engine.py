@@ -23,20 +23,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
+from cachefs.node.block_writer import BlockWriter
+from cachefs.node.config import Config
 
 from cachefs.errors import IntegrityError, QuotaExceededError, VersionChangedError
-from node.block_writer import BlockWriter
-from node.config import Config
 
 if TYPE_CHECKING:
-    from node.cluster.peers import Peers
-from node.layout import ObjectHeader
-from node.origins import ObjectRef, Origin
-from node.sinks import BufferSink
-from node.stats import EngineStats
-from node.store import CachedObject, Store
-from node.units import format_size
-from node.urls import object_id, parse_url
+    from cachefs.node.cluster.peers import Peers
+from cachefs.node.layout import ObjectHeader
+from cachefs.node.origins import ObjectRef, Origin
+from cachefs.node.sinks import BufferSink
+from cachefs.node.stats import EngineStats
+from cachefs.node.store import CachedObject, Store
+
+from cachefs.units import format_size
+from cachefs.urls import object_id, parse_url
 
 _MAX_ATTEMPTS = 3
 log = logging.getLogger("cachefs.engine")

@@ -17,11 +17,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from cachefs.node.engine import Engine, Manifest, PrefetchResult, Progress
+
 from cachefs.api import JobStatus
-from node.engine import Engine, Manifest, PrefetchResult, Progress
 
 if TYPE_CHECKING:
-    from node.cluster.peers import Peers
+    from cachefs.node.cluster.peers import Peers
 
 log = logging.getLogger("cachefs.jobs")
 _FINISHED_KEPT = 100
@@ -180,7 +181,7 @@ class JobRegistry:
 
         try:
             if cluster:
-                from node.cluster.prefetch import run_cluster_prefetch
+                from cachefs.node.cluster.prefetch import run_cluster_prefetch
 
                 assert self._peers is not None
                 final = run_cluster_prefetch(

@@ -22,9 +22,8 @@ import threading
 import time
 from typing import Any
 
+from cachefs.node.cluster.membership import Membership
 from kubernetes import client, config, watch
-
-from node.cluster.membership import Membership
 
 log = logging.getLogger("cachefs.cluster.kubernetes")
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import xxhash
+from cachefs.node.layout import write_file_atomic
 
-from node.layout import write_file_atomic
-from node.urls import parse_url
+from cachefs.urls import parse_url
 
 log = logging.getLogger("cachefs.labels")
 

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from node.stats import LATENCY_BUCKETS
+from cachefs.node.stats import LATENCY_BUCKETS
 
 
 class CallStats:

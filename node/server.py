@@ -19,21 +19,21 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cachefs.node import logs
+from cachefs.node.engine import Engine, Manifest
+from cachefs.node.faults import corrupt_peer_blocks
+from cachefs.node.jobs import JobRegistry
+from cachefs.node.metrics import CallStats
+from cachefs.node.origins import ObjectRef
+from cachefs.node.views import Views
 
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
 from cachefs.rpc_errors import abort, kind_of, status_of
-from node import logs
-from node.engine import Engine, Manifest
-from node.faults import corrupt_peer_blocks
-from node.jobs import JobRegistry
-from node.metrics import CallStats
-from node.origins import ObjectRef
-from node.urls import parse_url, redact
-from node.views import Views
+from cachefs.urls import parse_url, redact
 
 if TYPE_CHECKING:
-    from node.cluster.peers import Peers
+    from cachefs.node.cluster.peers import Peers
 
 log = logging.getLogger("cachefs.server")
 

@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+from cachefs.node import layout
+from cachefs.node.block_writer import BlockWriter
+from cachefs.node.config import TierConfig, default_quota
+from cachefs.node.faults import crash_point
+from cachefs.node.layout import ObjectHeader
 
 from cachefs.errors import CacheDirError, QuotaExceededError
-from node import layout
-from node.block_writer import BlockWriter
-from node.config import TierConfig, default_quota
-from node.faults import crash_point
-from node.layout import ObjectHeader
-from node.units import format_size
-from node.urls import object_id
+from cachefs.units import format_size
+from cachefs.urls import object_id
 
 ROOT_MODE = 0o700
 GROUP_ROOT_MODE = 0o750

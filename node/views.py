@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
+from cachefs.node import layout
+from cachefs.node.engine import Engine, Manifest
 
 from cachefs.errors import QuotaExceededError
-from node import layout
-from node.engine import Engine, Manifest
-from node.urls import parse_url
+from cachefs.urls import parse_url
 
 _RECORD = ".view.json"
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 from daemon import CsiProcess, NodeProcess
 from servers import (
     AWS_ENV_TO_CLEAR,
@@ -23,9 +25,6 @@ from servers import (
     S3Server,
     make_traversable,
 )
-
-from node.config import load_config
-from node.engine import Engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,18 +130,31 @@ def _runs_as_nobody(argv: list[str], env: dict[str, str]) -> bool:
 
 
 @pytest.fixture(scope="session")
-def nobody_python() -> tuple[list[str], dict[str, str]]:
+def nobody_python(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[list[str], dict[str, str]]:
     """An interpreter uid 65534 can run with this environment's packages, plus its env.
 
     The test interpreter may sit under a directory that user cannot enter; then the
-    system interpreter of the same version is used with our paths on PYTHONPATH.
+    system interpreter of the same version is used, and a ``sitecustomize`` on its
+    PYTHONPATH adds this environment's site-packages as site directories, so that
+    their ``.pth`` files run too (the editable install maps ``cachefs.node`` and
+    ``cachefs.csi`` to the repository's folders through one).
     """
     if os.geteuid() != 0:
         pytest.skip("run_as_nobody needs root to switch to uid 65534")
     if _runs_as_nobody([sys.executable], {}):
         return [sys.executable], {}
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    paths = [str(REPO_ROOT), *site.getsitepackages()]
+    hook = tmp_path_factory.mktemp("nobody-site")
+    hook.chmod(0o755)
+    make_traversable(hook, hook.parent.parent)
+    sitecustomize = hook / "sitecustomize.py"
+    sitecustomize.write_text(
+        "import site\n" + "".join(f"site.addsitedir({path!r})\n" for path in site.getsitepackages())
+    )
+    sitecustomize.chmod(0o644)
+    paths = [str(hook)]
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     env = {"PYTHONPATH": os.pathsep.join(paths)}

@@ -18,12 +18,12 @@ from typing import Any
 
 import fsspec
 import pytest
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 from servers import NobodyRunner, RangeHTTPServer, S3Bucket
 
 from cachefs.cli import main as cli_main
 from cachefs.errors import CacheDirError, QuotaExceededError
-from node.config import load_config
-from node.engine import Engine
 
 DATA = bytes(range(256)) * 400  # 100 KiB, position-dependent bytes
 BLOCK = "64KiB"
@@ -371,8 +371,8 @@ def test_unusable_cache_dir_as_root(origins: Origins, sandbox: Sandbox, tmp_path
 _NOBODY_CODE = """
 import sys
 import fsspec
-from node.config import load_config
-from node.engine import Engine
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 cache, url = sys.argv[1], sys.argv[2]
 for make in (
     lambda: Engine(load_config(overrides={"cache_dir": cache}, environ={})),
@@ -397,11 +397,7 @@ def test_unwritable_cache_dir(
     readonly.mkdir(mode=0o755)
     cache = readonly / "cache"
     before = snapshot(tmp_path, tmp_path / "nobody-home")
-    paths = [
-        str(REPO_ROOT),
-        run_as_nobody.extra_env.get("PYTHONPATH"),
-        os.environ.get("PYTHONPATH"),
-    ]
+    paths = [run_as_nobody.extra_env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]
     env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     code = run_as_nobody([*run_as_nobody.python, "-c", _NOBODY_CODE, str(cache), url], env=env)
     lines = code.stdout.splitlines()

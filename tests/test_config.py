@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cachefs.node.config import DEFAULT_BLOCK_SIZE, Config, load_config
 
-from node.config import DEFAULT_BLOCK_SIZE, Config, load_config
-from node.units import format_size, parse_size
+from cachefs.units import format_size, parse_size
 
 
 def _write(tmp_path: Path, text: str) -> Path:

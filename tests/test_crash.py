@@ -28,10 +28,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import xxhash
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 from servers import RangeHTTPServer, wait_for
-
-from node.config import load_config
-from node.engine import Engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KIB = 1024
@@ -311,7 +310,7 @@ def test_crash_mid_repair(http_origin: RangeHTTPServer, cache_dir: Path) -> None
 
     code = (
         "import sys\n"
-        "from cachefs.embedded import get_engine\n"
+        "from cachefs.node.embedded import get_engine\n"
         "get_engine(sys.argv[1]).read(sys.argv[2])\n"
     )
     proc = subprocess.run(

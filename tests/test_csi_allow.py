@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from csi.allow import AllowRule, check_source
-from node.config import load_config
+from cachefs.csi.allow import AllowRule, check_source
+from cachefs.node.config import load_config
 
 RULES = (
     AllowRule.parse("s3://models/"),

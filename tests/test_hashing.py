@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from node.cluster.hashing import block_key, rank
+from cachefs.node.cluster.hashing import block_key, rank
 
 NODES = [f"10.0.0.{i}:7070" for i in range(1, 9)]
 KEYS = [block_key(f"{i:032x}", b) for i in range(200) for b in range(10)]

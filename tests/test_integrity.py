@@ -17,11 +17,10 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
+from cachefs.node.store import CachedObject
 from servers import RangeHTTPServer
-
-from node.config import load_config
-from node.engine import Engine
-from node.store import CachedObject
 
 KIB = 1024
 BLOCK = 64 * KIB

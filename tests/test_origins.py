@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 from helpers import Background
 from servers import RangeHTTPServer, S3Bucket, wait_for
 
 from cachefs.errors import OriginUnavailableError
-from node.config import load_config
-from node.engine import Engine
 
 KIB = 1024
 BLOCK = 64 * KIB
@@ -375,7 +375,7 @@ def test_s3_metadata_errors_use_cachefs_retries(s3: S3Bucket, cache_dir: Path) -
 
 
 def test_an_etag_has_one_spelling_whether_head_or_a_listing_gave_it() -> None:
-    from node.origins.s3 import quoted_etag
+    from cachefs.node.origins.s3 import quoted_etag
 
     # rclone's S3 server quotes ETags in HEAD answers but not in listings.
     assert quoted_etag("810c05c3") == quoted_etag('"810c05c3"') == '"810c05c3"'

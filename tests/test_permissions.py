@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 from servers import NOBODY_GID, NOBODY_UID, NobodyRunner
 
 from cachefs.errors import CacheDirError
-from node.config import load_config
-from node.engine import Engine
 
 BLOCK = 64 * 1024
 OTHER_GID = 4242  # a gid that uid 65534 is not a member of
@@ -334,8 +334,8 @@ def test_read_only_mount_gives_cache_dir_error(
 
 ENGINE_AS_NOBODY = """
 import json, sys
-from node.config import load_config
-from node.engine import Engine
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 from cachefs.errors import CacheDirError
 try:
     Engine(load_config()).close()

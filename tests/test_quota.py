@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 import xxhash
+from cachefs.node import layout
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine, Progress
+from cachefs.node.layout import PAGE, ObjectHeader
+from cachefs.node.store import CachedObject, Tier
 from servers import RangeHTTPServer
 
 from cachefs.errors import QuotaExceededError
-from node import layout
-from node.config import load_config
-from node.engine import Engine, Progress
-from node.layout import PAGE, ObjectHeader
-from node.store import CachedObject, Tier
 
 KIB = 1024
 MIB = 1024 * KIB

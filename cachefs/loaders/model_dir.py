@@ -38,7 +38,7 @@ def _prefix(source: str) -> str:
 
 
 def _embedded_views(client: Any) -> Any:
-    from node.views import Views
+    from cachefs.node.views import Views
 
     with _views_lock:
         views = _views.get(id(client.engine))

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from csi.proto import csi_pb2 as csi_dot_proto_dot_csi__pb2
+from cachefs.csi.proto import csi_pb2 as cachefs_dot_csi_dot_proto_dot_csi__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in csi/proto/csi_pb2_grpc.py depends on'
+        + ' but the generated code in cachefs/csi/proto/csi_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,18 +38,18 @@ class IdentityStub:
         """
         self.GetPluginInfo = channel.unary_unary(
                 '/csi.v1.Identity/GetPluginInfo',
-                request_serializer=csi_dot_proto_dot_csi__pb2.GetPluginInfoRequest.SerializeToString,
-                response_deserializer=csi_dot_proto_dot_csi__pb2.GetPluginInfoResponse.FromString,
+                request_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginInfoRequest.SerializeToString,
+                response_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginInfoResponse.FromString,
                 _registered_method=True)
         self.GetPluginCapabilities = channel.unary_unary(
                 '/csi.v1.Identity/GetPluginCapabilities',
-                request_serializer=csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesRequest.SerializeToString,
-                response_deserializer=csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesResponse.FromString,
+                request_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesRequest.SerializeToString,
+                response_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesResponse.FromString,
                 _registered_method=True)
         self.Probe = channel.unary_unary(
                 '/csi.v1.Identity/Probe',
-                request_serializer=csi_dot_proto_dot_csi__pb2.ProbeRequest.SerializeToString,
-                response_deserializer=csi_dot_proto_dot_csi__pb2.ProbeResponse.FromString,
+                request_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.ProbeResponse.FromString,
                 _registered_method=True)
 
 
@@ -81,18 +81,18 @@ def add_IdentityServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetPluginInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPluginInfo,
-                    request_deserializer=csi_dot_proto_dot_csi__pb2.GetPluginInfoRequest.FromString,
-                    response_serializer=csi_dot_proto_dot_csi__pb2.GetPluginInfoResponse.SerializeToString,
+                    request_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginInfoRequest.FromString,
+                    response_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginInfoResponse.SerializeToString,
             ),
             'GetPluginCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPluginCapabilities,
-                    request_deserializer=csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesRequest.FromString,
-                    response_serializer=csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesResponse.SerializeToString,
+                    request_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesRequest.FromString,
+                    response_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesResponse.SerializeToString,
             ),
             'Probe': grpc.unary_unary_rpc_method_handler(
                     servicer.Probe,
-                    request_deserializer=csi_dot_proto_dot_csi__pb2.ProbeRequest.FromString,
-                    response_serializer=csi_dot_proto_dot_csi__pb2.ProbeResponse.SerializeToString,
+                    request_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.ProbeRequest.FromString,
+                    response_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -122,8 +122,8 @@ class Identity:
             request,
             target,
             '/csi.v1.Identity/GetPluginInfo',
-            csi_dot_proto_dot_csi__pb2.GetPluginInfoRequest.SerializeToString,
-            csi_dot_proto_dot_csi__pb2.GetPluginInfoResponse.FromString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginInfoRequest.SerializeToString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -149,8 +149,8 @@ class Identity:
             request,
             target,
             '/csi.v1.Identity/GetPluginCapabilities',
-            csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesRequest.SerializeToString,
-            csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesResponse.FromString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesRequest.SerializeToString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.GetPluginCapabilitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class Identity:
             request,
             target,
             '/csi.v1.Identity/Probe',
-            csi_dot_proto_dot_csi__pb2.ProbeRequest.SerializeToString,
-            csi_dot_proto_dot_csi__pb2.ProbeResponse.FromString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.ProbeRequest.SerializeToString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -202,23 +202,23 @@ class NodeStub:
         """
         self.NodePublishVolume = channel.unary_unary(
                 '/csi.v1.Node/NodePublishVolume',
-                request_serializer=csi_dot_proto_dot_csi__pb2.NodePublishVolumeRequest.SerializeToString,
-                response_deserializer=csi_dot_proto_dot_csi__pb2.NodePublishVolumeResponse.FromString,
+                request_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodePublishVolumeRequest.SerializeToString,
+                response_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodePublishVolumeResponse.FromString,
                 _registered_method=True)
         self.NodeUnpublishVolume = channel.unary_unary(
                 '/csi.v1.Node/NodeUnpublishVolume',
-                request_serializer=csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeRequest.SerializeToString,
-                response_deserializer=csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeResponse.FromString,
+                request_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeRequest.SerializeToString,
+                response_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeResponse.FromString,
                 _registered_method=True)
         self.NodeGetCapabilities = channel.unary_unary(
                 '/csi.v1.Node/NodeGetCapabilities',
-                request_serializer=csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesRequest.SerializeToString,
-                response_deserializer=csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesResponse.FromString,
+                request_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesRequest.SerializeToString,
+                response_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesResponse.FromString,
                 _registered_method=True)
         self.NodeGetInfo = channel.unary_unary(
                 '/csi.v1.Node/NodeGetInfo',
-                request_serializer=csi_dot_proto_dot_csi__pb2.NodeGetInfoRequest.SerializeToString,
-                response_deserializer=csi_dot_proto_dot_csi__pb2.NodeGetInfoResponse.FromString,
+                request_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetInfoRequest.SerializeToString,
+                response_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -256,23 +256,23 @@ def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'NodePublishVolume': grpc.unary_unary_rpc_method_handler(
                     servicer.NodePublishVolume,
-                    request_deserializer=csi_dot_proto_dot_csi__pb2.NodePublishVolumeRequest.FromString,
-                    response_serializer=csi_dot_proto_dot_csi__pb2.NodePublishVolumeResponse.SerializeToString,
+                    request_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodePublishVolumeRequest.FromString,
+                    response_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodePublishVolumeResponse.SerializeToString,
             ),
             'NodeUnpublishVolume': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeUnpublishVolume,
-                    request_deserializer=csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeRequest.FromString,
-                    response_serializer=csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeResponse.SerializeToString,
+                    request_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeRequest.FromString,
+                    response_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeResponse.SerializeToString,
             ),
             'NodeGetCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeGetCapabilities,
-                    request_deserializer=csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesRequest.FromString,
-                    response_serializer=csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesResponse.SerializeToString,
+                    request_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesRequest.FromString,
+                    response_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesResponse.SerializeToString,
             ),
             'NodeGetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeGetInfo,
-                    request_deserializer=csi_dot_proto_dot_csi__pb2.NodeGetInfoRequest.FromString,
-                    response_serializer=csi_dot_proto_dot_csi__pb2.NodeGetInfoResponse.SerializeToString,
+                    request_deserializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetInfoRequest.FromString,
+                    response_serializer=cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,8 +302,8 @@ class Node:
             request,
             target,
             '/csi.v1.Node/NodePublishVolume',
-            csi_dot_proto_dot_csi__pb2.NodePublishVolumeRequest.SerializeToString,
-            csi_dot_proto_dot_csi__pb2.NodePublishVolumeResponse.FromString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.NodePublishVolumeRequest.SerializeToString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.NodePublishVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -329,8 +329,8 @@ class Node:
             request,
             target,
             '/csi.v1.Node/NodeUnpublishVolume',
-            csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeRequest.SerializeToString,
-            csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeResponse.FromString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeRequest.SerializeToString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeUnpublishVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -356,8 +356,8 @@ class Node:
             request,
             target,
             '/csi.v1.Node/NodeGetCapabilities',
-            csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesRequest.SerializeToString,
-            csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesResponse.FromString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesRequest.SerializeToString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetCapabilitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -383,8 +383,8 @@ class Node:
             request,
             target,
             '/csi.v1.Node/NodeGetInfo',
-            csi_dot_proto_dot_csi__pb2.NodeGetInfoRequest.SerializeToString,
-            csi_dot_proto_dot_csi__pb2.NodeGetInfoResponse.FromString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetInfoRequest.SerializeToString,
+            cachefs_dot_csi_dot_proto_dot_csi__pb2.NodeGetInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,8 +15,7 @@ import threading
 import dns.exception
 import dns.rdatatype
 import dns.resolver
-
-from node.cluster.membership import Membership
+from cachefs.node.cluster.membership import Membership
 
 log = logging.getLogger("cachefs.cluster.dns")
 

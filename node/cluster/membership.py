@@ -3,8 +3,8 @@
 A membership source keeps a set of peer addresses (``host:port`` of each node's
 gRPC listener, this node's own included) and may change it at any time: nodes come
 and go without a restart. ``static`` is a fixed list; ``dns`` re-resolves a headless
-Service name (``node.cluster.dns``); ``kubernetes`` watches the Service's
-EndpointSlices (``node.kube``).
+Service name (``cachefs.node.cluster.dns``); ``kubernetes`` watches the Service's
+EndpointSlices (``cachefs.node.kube``).
 """
 
 from __future__ import annotations
@@ -76,13 +76,13 @@ def membership_from_config(cluster: Any) -> Membership | None:
     if cluster.membership == "static":
         return StaticMembership(parse_peer(p) for p in cluster.peers)
     if cluster.membership == "dns":
-        from node.cluster.dns import DnsMembership
+        from cachefs.node.cluster.dns import DnsMembership
 
         return DnsMembership(
             cluster.dns_name, cluster.dns_port, cluster.dns_resolver, cluster.refresh_interval
         )
     if cluster.membership == "kubernetes":
-        from node.kube import KubernetesMembership
+        from cachefs.node.kube import KubernetesMembership
 
         return KubernetesMembership(
             service=cluster.kubernetes_service,

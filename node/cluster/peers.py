@@ -18,15 +18,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import xxhash
+from cachefs.node.cluster.hashing import block_key, rank
+from cachefs.node.cluster.membership import Membership
+from cachefs.node.layout import ObjectHeader
+from cachefs.node.origins import ObjectRef
+from cachefs.node.sinks import Sink
+from cachefs.node.stats import LatencyHistogram
 
 from cachefs.client import NodeClient
 from cachefs.proto import cachefs_pb2 as pb
-from node.cluster.hashing import block_key, rank
-from node.cluster.membership import Membership
-from node.layout import ObjectHeader
-from node.origins import ObjectRef
-from node.sinks import Sink
-from node.stats import LatencyHistogram
 
 log = logging.getLogger("cachefs.peers")
 FALLBACKS = 2  # next-ranked nodes whose caches an owner asks before the origin

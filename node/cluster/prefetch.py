@@ -13,10 +13,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from cachefs.node.cluster.peers import Peers
+from cachefs.node.engine import Engine, Manifest, Progress
+
 from cachefs.api import JobStatus
 from cachefs.proto import cachefs_pb2 as pb
-from node.cluster.peers import Peers
-from node.engine import Engine, Manifest, Progress
 
 
 def manifest_message(manifest: Manifest) -> list[pb.ObjectInfo]:
@@ -105,7 +106,7 @@ def _run_here(
     job_id: str,
     note: Callable[[JobStatus], None],
 ) -> None:
-    from node.jobs import status_of_progress, status_of_result
+    from cachefs.node.jobs import status_of_progress, status_of_result
 
     def on_progress(progress: Progress) -> None:
         note(status_of_progress(job_id, manifest.sources, pin, progress))

@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from node.config import Config
-from node.origins.ranged_http import RangedHTTPClient
-from node.origins.ref import ObjectRef
-from node.retry import call_with_retries
-from node.sinks import Sink
-from node.urls import OriginURL, parse_url
+from cachefs.node.config import Config
+from cachefs.node.origins.ranged_http import RangedHTTPClient
+from cachefs.node.origins.ref import ObjectRef
+from cachefs.node.retry import call_with_retries
+from cachefs.node.sinks import Sink
+
+from cachefs.urls import OriginURL, parse_url
 
 __all__ = ["ObjectRef", "Origin"]
 
@@ -64,14 +65,14 @@ class Origin:
         # Backends are imported when first used: fsspec itself only for the generic one.
         try:
             if protocol == "s3":
-                from node.origins.s3 import S3Backend
+                from cachefs.node.origins.s3 import S3Backend
 
                 return S3Backend(options, self._client)
             if protocol in ("http", "https"):
-                from node.origins.http import HTTPBackend
+                from cachefs.node.origins.http import HTTPBackend
 
                 return HTTPBackend(protocol, options, self._client)
-            from node.origins.generic import FsspecBackend
+            from cachefs.node.origins.generic import FsspecBackend
 
             return FsspecBackend(protocol, options)
         except ImportError as exc:

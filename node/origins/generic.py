@@ -11,11 +11,11 @@ import errno
 from typing import Any
 
 import fsspec
+from cachefs.node.origins.ref import ObjectRef, version_from_info
+from cachefs.node.sinks import Sink
 
 from cachefs.errors import TransientOriginError, VersionChangedError
-from node.origins.ref import ObjectRef, version_from_info
-from node.sinks import Sink
-from node.urls import OriginURL
+from cachefs.urls import OriginURL
 
 # errno values backends (s3fs's error table among them) use for answers worth retrying.
 TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET})

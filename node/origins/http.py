@@ -13,12 +13,13 @@ import errno
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from cachefs.node.origins.errors import error_for_status
+from cachefs.node.origins.ranged_http import Answer, RangedHTTPClient, basic_auth
+from cachefs.node.origins.ref import ObjectRef
+from cachefs.node.sinks import BufferSink, Sink
+
 from cachefs.errors import VersionChangedError
-from node.origins.errors import error_for_status
-from node.origins.ranged_http import Answer, RangedHTTPClient, basic_auth
-from node.origins.ref import ObjectRef
-from node.sinks import BufferSink, Sink
-from node.urls import OriginURL, parse_url
+from cachefs.urls import OriginURL, parse_url
 
 
 class HTTPBackend:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from node.urls import OriginURL, object_id
+from cachefs.urls import OriginURL, object_id
 
 # Keys under which fsspec backends report a content identity, strongest first.
 _VERSION_KEYS = (

@@ -20,12 +20,13 @@ import threading
 import time
 from typing import Any
 
+from cachefs.node.origins.errors import error_for_status
+from cachefs.node.origins.ranged_http import RangedHTTPClient
+from cachefs.node.origins.ref import ObjectRef
+from cachefs.node.sinks import Sink
+
 from cachefs.errors import TransientOriginError
-from node.origins.errors import error_for_status
-from node.origins.ranged_http import RangedHTTPClient
-from node.origins.ref import ObjectRef
-from node.sinks import Sink
-from node.urls import OriginURL
+from cachefs.urls import OriginURL
 
 PRESIGN_SECONDS = 3600
 PRESIGN_REUSE_SECONDS = 1800
@@ -146,7 +147,7 @@ class S3Backend:
 
     def _lister(self) -> Any:
         """s3fs, for listings only (its ETags match HEAD's, so versions agree)."""
-        from node.origins.generic import FsspecBackend
+        from cachefs.node.origins.generic import FsspecBackend
 
         with self._lock:
             if self._listing is None:

@@ -13,11 +13,12 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine, Progress
+from cachefs.node.jobs import status_of_progress, status_of_result
+from cachefs.node.origins import ObjectRef
+
 from cachefs.api import CachedEntry, JobStatus, ObjectInfo
-from node.config import load_config
-from node.engine import Engine, Progress
-from node.jobs import status_of_progress, status_of_result
-from node.origins import ObjectRef
 
 _engines: dict[tuple[int, str], Engine] = {}
 _lock = threading.Lock()
@@ -76,7 +77,7 @@ class EmbeddedClient:
         return info_of(self.engine.stat(url), self.engine)
 
     def ls(self, url: str) -> list[dict[str, Any]]:
-        from node.urls import parse_url
+        from cachefs.urls import parse_url
 
         parsed = parse_url(url)
         entries = []
