@@ -542,7 +542,7 @@ class Bench:
         stat_misses = 0
         for node in nodes:
             client = NodeClient(node.endpoint)
-            tier = Path(client.status()["tiers"][0]["path"])
+            tier = Path(client.status().tiers[0].path)
             cached = {e.url: e for e in client.cached()}
             for key, size in self.files.items():
                 url = f"s3://{BUCKET}/{key}"

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from cachefs.progress import ProgressBar
+from cachefs.types import CacheClient, JobStatus
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
@@ -142,8 +143,8 @@ def _default_holder() -> str:
         return "user:unknown"
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from cachefs.api import connect
+def _client(args: argparse.Namespace) -> CacheClient:
+    from cachefs.connect import connect
 
     return connect(args.endpoint, args.cache_dir, args.config)
 
@@ -161,7 +162,7 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     bar = None if args.json else ProgressBar(err)
     last_emit = [0.0]
 
-    def on_progress(progress: Any) -> None:  # the engine reports one at a time, in order
+    def on_progress(progress: JobStatus) -> None:  # reports arrive one at a time, in order
         if bar is not None:
             bar.update(progress)
             return
@@ -179,7 +180,7 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     "objects_total": progress.objects_total,
                     "fetched_bytes": progress.fetched_bytes,
                     "peer_bytes": progress.peer_bytes,
-                    "seconds": round(progress.elapsed, 3),
+                    "seconds": round(progress.seconds, 3),
                 },
             )
 
@@ -260,11 +261,11 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _evict(args: argparse.Namespace, out: TextIO) -> int:
-    objects, freed = _client(args).evict(args.sources)
+    evicted = _client(args).evict(args.sources)
     if args.json:
-        _emit(out, {"event": "done", "objects": objects, "bytes": freed})
+        _emit(out, {"event": "done", "objects": evicted.objects, "bytes": evicted.bytes})
     else:
-        out.write(f"evicted {objects} objects\n")
+        out.write(f"evicted {evicted.objects} objects\n")
     return 0
 
 
@@ -283,38 +284,35 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
     status = _client(args).status()
     if args.json:
-        _emit(out, status)
+        _emit(out, status.to_dict())
         return 0
-    if status.get("node_id"):
-        out.write(f"node {status['node_id']}\n")
-    for tier in status["tiers"]:
+    if status.node_id:
+        out.write(f"node {status.node_id}\n")
+    for tier in status.tiers:
         out.write(
-            f"tier {tier['name']} ({tier['medium']}) {tier['path']}: "
-            f"{format_size(tier['used'])} of {format_size(tier['quota'])} used, "
-            f"{format_size(tier['pinned'])} pinned, {tier['objects']} objects\n"
+            f"tier {tier.name} ({tier.medium}) {tier.path}: "
+            f"{format_size(tier.used)} of {format_size(tier.quota)} used, "
+            f"{format_size(tier.pinned)} pinned, {tier.objects} objects\n"
         )
-    for holder, count in sorted(status["pins"].items()):
+    for holder, count in sorted(status.pins.items()):
         out.write(f"pin {holder}: {count} objects\n")
-    for job in status["jobs"]:
+    for job in status.jobs:
         out.write(
-            f"job {job['id']} {job['state']}: {format_size(job['bytes_done'])} of "
-            f"{format_size(job['bytes_total'])}, {job['objects_done']}/{job['objects_total']} "
-            f"objects ({', '.join(job['sources'])})"
-            + (f": {job['error']}" if job["error"] else "")
-            + "\n"
+            f"job {job.id} {job.state}: {format_size(job.bytes_done)} of "
+            f"{format_size(job.bytes_total)}, {job.objects_done}/{job.objects_total} "
+            f"objects ({', '.join(job.sources)})" + (f": {job.error}" if job.error else "") + "\n"
         )
-    ratio = status["hit_ratio"]
-    served = sum(status["served_bytes"].values())
+    ratio = status.hit_ratio
+    served = sum(status.served_bytes.values())
     out.write(
         f"served {format_size(served)}"
         + (f", {ratio:.1%} from the cache" if ratio is not None else "")
-        + f"; fetched {format_size(status['fetched_bytes'])} from origins\n"
+        + f"; fetched {format_size(status.fetched_bytes)} from origins\n"
     )
     return 0
 
 
 def _csi(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from cachefs.node import logs
 
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
@@ -322,7 +320,7 @@ def _csi(args: argparse.Namespace) -> int:
 
     from cachefs.csi.allow import AllowRule
     from cachefs.csi.plugin import DEFAULT_CSI_ENDPOINT, DEFAULT_NODE_ENDPOINT, PluginSettings, run
-    from cachefs.node.config import load_config
+    from cachefs.node.config import checked_publish_timeout, load_config
 
     config = load_config(args.config).csi
     rules = [AllowRule.parse(rule.prefix, rule.namespaces) for rule in config.allow]
@@ -338,27 +336,49 @@ def _csi(args: argparse.Namespace) -> int:
         node_id=node_id,
         rules=tuple(rules),
         state_dir=Path(args.state_dir or config.state_dir),
-        publish_timeout=args.publish_timeout or config.publish_timeout,
+        publish_timeout=config.publish_timeout
+        if args.publish_timeout is None
+        else checked_publish_timeout(args.publish_timeout, "--publish-timeout"),
     )
     return run(settings)
 
 
+def _static_peers(text: str) -> tuple[str, ...]:
+    """``--peers`` as ``cluster.peers``, each entry checked here: a typo must stop the
+    node with the entry named, not leave it serving alone."""
+    from cachefs.node.cluster.membership import parse_peer
+
+    hint = "write --peers HOST:PORT,HOST:PORT,... (every node's TCP address, this one included)"
+    peers = tuple(entry.strip() for entry in text.split(",") if entry.strip())
+    if not peers:
+        raise ValueError(f"--peers names no node: {hint}")
+    for entry in peers:
+        try:
+            parse_peer(entry)
+        except ValueError:
+            raise ValueError(f"--peers entry {entry!r} is not HOST:PORT: {hint}") from None
+    return peers
+
+
 def _node(args: argparse.Namespace) -> int:
-    # gRPC's core writes its own lines to stderr (a failed TLS handshake of any client):
-    # only errors, so that the log stays JSON lines in all but grave cases.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from cachefs.node import logs
 
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     from cachefs.node.config import load_config
     from cachefs.node.daemon import Listeners, default_socket, run
 
+    peers = None if args.peers is None else _static_peers(args.peers)
     overrides: dict[str, Any] = {"cache_dir": args.cache_dir}
     config = load_config(args.config, overrides)
     server = config.server
     if args.node_id:
         config = dataclasses.replace(
             config, server=dataclasses.replace(server, node_id=args.node_id)
+        )
+    if peers is not None:  # the flag overrides the config's cluster.membership and peers
+        config = dataclasses.replace(
+            config,
+            cluster=dataclasses.replace(config.cluster, membership="static", peers=peers),
         )
     listeners = Listeners(
         socket=args.socket or server.socket or default_socket(),
@@ -380,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         args.__dict__.setdefault(name, default)
     out, err = sys.stdout, sys.stderr
+    # gRPC's core writes its own lines to stderr (a failed TLS handshake, say): a
+    # daemon keeps its errors, so that its log stays JSON lines in all but grave cases;
+    # a client command says what went wrong in its own one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if args.command in ("node", "csi") else "NONE")
     if args.command in ("node", "csi"):
         try:
             return _node(args) if args.command == "node" else _csi(args)

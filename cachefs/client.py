@@ -21,12 +21,13 @@ from typing import Any
 
 import grpc
 
-from cachefs.api import JOB_STATES, CachedEntry, JobStatus, ObjectInfo
+from cachefs import messages, ranges
 from cachefs.auth import metadata, read_token
 from cachefs.errors import IntegrityError
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
 from cachefs.rpc_errors import from_rpc_error, rebuild
+from cachefs.types import CachedEntry, EvictResult, JobStatus, NodeStatus, ObjectInfo, ViewInfo
 
 TLS_CA_ENV = "CACHEFS_TLS_CA"
 DEFAULT_TIMEOUT = 60.0
@@ -240,16 +241,8 @@ class NodeClient:
             )
         if reply.block_size:
             self._block_size = reply.block_size
-        return ObjectInfo(
-            url=reply.url,
-            version=reply.version,
-            size=reply.size,
-            id=reply.id,
-            complete=reply.complete,
-            local_path=reply.local_path or None,
-            inode=reply.inode,
-            handle=url,  # reads name the object as the caller did (a signed URL stays signed)
-        )
+        # Reads name the object as the caller did (a signed URL stays signed).
+        return messages.object_info(reply, handle=url)
 
     def ls(self, url: str) -> list[dict[str, Any]]:
         reply = self._call("List", pb.ListRequest(url=url))
@@ -276,8 +269,8 @@ class NodeClient:
         return info.local_path
 
     def read(self, info: ObjectInfo, start: int, end: int) -> bytes:
-        end = min(end, info.size)
-        if end <= start:
+        start, end = ranges.clipped(info.url, info.size, start, end)
+        if end == start:
             return b""
         chunks = list(self._read_chunks(info, start, end - start))
         received = sum(len(c) for c in chunks)
@@ -288,6 +281,8 @@ class NodeClient:
         return b"".join(chunks)
 
     def readinto(self, info: ObjectInfo, start: int, into: memoryview) -> None:
+        if ranges.exact(info.url, info.size, start, len(into)) == start:
+            return
         position = 0
         for data in self._read_chunks(info, start, len(into)):
             size = len(data)
@@ -352,12 +347,12 @@ class NodeClient:
 
     def start_job(self, request: pb.PrefetchRequest) -> JobStatus:
         """Start a prefetch job as ``request`` describes it; its first status."""
-        return _job_status(self._call("Prefetch", request))
+        return messages.job_status(self._call("Prefetch", request))
 
     def job(self, job_id: str) -> JobStatus | None:
         """A job's latest status, or None when the node does not know it (restarted)."""
         reply = self._call("Status", pb.StatusRequest())
-        return next((_job_status(j) for j in reply.jobs if j.id == job_id), None)
+        return next((messages.job_status(j) for j in reply.jobs if j.id == job_id), None)
 
     def wait(
         self,
@@ -375,7 +370,7 @@ class NodeClient:
                 break
             try:
                 for message in self._stream("WatchJob", pb.JobRef(id=job_id), left):
-                    last = _job_status(message)
+                    last = messages.job_status(message)
                     if progress is not None:
                         progress(last)
             except TimeoutError:
@@ -388,88 +383,27 @@ class NodeClient:
 
     def cached(self, source: str | None = None) -> list[CachedEntry]:
         reply = self._call("List", pb.ListRequest(url=source or "", cached=True))
-        return [
-            CachedEntry(
-                url=e.name,
-                version=e.version,
-                size=e.size,
-                cached_bytes=e.cached_bytes,
-                tier=e.tier,
-                complete=e.complete,
-                pinned_by=tuple(e.pinned_by),
-                id=e.id,
-            )
-            for e in reply.entries
-        ]
+        return [messages.cached_entry(e) for e in reply.entries]
 
-    def evict(self, sources: Sequence[str]) -> tuple[int, int]:
+    def evict(self, sources: Sequence[str]) -> EvictResult:
         reply = self._call("Evict", pb.EvictRequest(sources=list(sources)))
-        return reply.objects, reply.bytes
+        return EvictResult(reply.objects, reply.bytes)
 
     def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
         return self._call("Unpin", pb.UnpinRequest(holder=holder, sources=list(sources))).objects
 
-    def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> str:
-        """Build (or find) ``holder``'s view of ``sources`` on the node: its path there."""
+    def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> ViewInfo:
+        """Build (or find) ``holder``'s view of ``sources`` on the node (its path there)."""
         request = pb.ViewRequest(holder=holder, sources=list(sources), tier=tier or "")
-        return self._call("View", request, timeout=_DAY).path
+        reply = self._call("View", request, timeout=_DAY)
+        return ViewInfo(reply.path, reply.objects, reply.bytes)
 
     def fetch_block(self, request: pb.FetchBlockRequest, timeout: float) -> Iterator[Any]:
         """A peer's block: BlockChunk messages (the first has checksum and length)."""
         return self._stream("FetchBlock", request, timeout)
 
-    def status(self) -> dict[str, Any]:
-        reply = self._call("Status", pb.StatusRequest())
-        served = dict(reply.served_bytes)
-        total = sum(served.values())
-        return {
-            "node_id": reply.node_id,
-            "tiers": [
-                {
-                    "name": t.name,
-                    "medium": t.medium,
-                    "path": t.path,
-                    "quota": t.quota,
-                    "used": t.used,
-                    "pinned": t.pinned,
-                    "objects": t.objects,
-                    "evictions": t.evictions,
-                }
-                for t in reply.tiers
-            ],
-            "pins": dict(reply.pins),
-            "jobs": [vars(_job_status(j)) for j in reply.jobs],
-            "served_bytes": served,
-            "hits": reply.hits,
-            "misses": reply.misses,
-            "hit_ratio": served.get("local", 0) / total if total else None,
-            "fetched_bytes": reply.fetched_bytes,
-            "rpcs": dict(reply.rpcs),
-            "uptime_seconds": reply.uptime_seconds,
-            "members": list(reply.members),
-        }
-
-
-def _job_status(message: pb.JobStatus) -> JobStatus:
-    return JobStatus(
-        id=message.id,
-        state=JOB_STATES[message.state - 1] if message.state else "running",
-        sources=tuple(message.sources),
-        pin_holder=message.pin_holder or None,
-        bytes_total=message.bytes_total,
-        bytes_done=message.bytes_done,
-        objects_total=message.objects_total,
-        objects_done=message.objects_done,
-        fetched_bytes=message.fetched_bytes,
-        peer_bytes=message.peer_bytes,
-        cached_before=message.cached_before,
-        evicted_during=message.evicted_during,
-        seconds=message.seconds,
-        error=message.error or None,
-        error_kind=message.error_kind or None,
-        nodes_total=message.nodes_total,
-        nodes_done=message.nodes_done,
-    )
+    def status(self) -> NodeStatus:
+        return messages.node_status(self._call("Status", pb.StatusRequest()))
 
 
 def close_clients() -> None:

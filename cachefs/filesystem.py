@@ -22,7 +22,9 @@ from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.registry import get_filesystem_class
 from fsspec.spec import AbstractBufferedFile
 
-from cachefs.api import CacheClient, ObjectInfo, connect
+from cachefs import ranges
+from cachefs.connect import connect
+from cachefs.types import CacheClient, ObjectInfo
 
 PROTOCOL = "cachefs"
 _PREFIXES = ("cachefs::", "cachefs://")
@@ -161,15 +163,13 @@ class CacheFileSystem(ChainedFileSystem):
         # fsspec's contract: negative offsets count back from the end, like slices.
         start = max(0, info.size + start) if start is not None and start < 0 else start or 0
         end = info.size + end if end is not None and end < 0 else end
-        end = info.size if end is None else min(end, info.size)
-        if start > info.size:
-            raise ValueError(f"offset {start} is past the end of {info.url} ({info.size} bytes)")
+        start, end = ranges.clipped(info.url, info.size, start, end)
         local = self._local_file(info)
         if local is not None:
             try:
                 with open(local, "rb") as f:
                     f.seek(start)
-                    return f.read(max(0, end - start))
+                    return f.read(end - start)
             except FileNotFoundError:
                 pass  # evicted since the stat: read through the cache
         return client.read(info, start, end)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
+from cachefs.types import JobStatus
 from cachefs.units import format_size
 
 _WIDTH = 28
@@ -20,7 +21,7 @@ class ProgressBar:
         self._last = 0.0
         self._drawn = False
 
-    def update(self, progress: Any) -> None:
+    def update(self, progress: JobStatus) -> None:
         now = time.monotonic()
         if not self._enabled or (
             now - self._last < _INTERVAL and progress.bytes_done < progress.bytes_total
@@ -30,7 +31,7 @@ class ProgressBar:
         total = max(progress.bytes_total, 1)
         filled = int(_WIDTH * progress.bytes_done / total)
         fetched = progress.fetched_bytes + progress.peer_bytes
-        rate = fetched / progress.elapsed if progress.elapsed > 0 else 0.0
+        rate = fetched / progress.seconds if progress.seconds > 0 else 0.0
         left = progress.bytes_total - progress.bytes_done
         eta = f"{left / rate:.0f}s" if rate > 0 and left > 0 else "-"
         self._stream.write(

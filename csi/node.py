@@ -155,7 +155,7 @@ class NodeService(csi_grpc.NodeServicer):
         client = self._client()
         try:
             self._prefetch(client, volume_id, source, holder, tier)
-            view = Path(client.view(holder, [source], tier))
+            view = Path(client.view(holder, [source], tier).path)
         except CsiError:
             raise
         except (FileNotFoundError, IsADirectoryError) as exc:

@@ -1,5 +1,7 @@
-"""The cachefs node: engine (read path), store (tiers), origins, configuration.
+"""The cachefs node (``cachefs.node``, the folder ``node/``): engine, store, origins,
+cluster, the service layer, and its two adapters: the gRPC server of the daemon and
+embedded mode, where the library runs the same service in its own process.
 
-In embedded mode the ``cachefs`` library runs this engine in-process; on a cluster
-node the daemon runs it and serves clients over gRPC.
+It imports the contract (``cachefs``'s errors, types, URLs, proto) and the gRPC
+client (to reach peers), never the filesystem, the loaders or the CLI above it.
 """

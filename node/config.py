@@ -310,17 +310,23 @@ def _build_csi(raw: Any) -> CsiConfig:
         rules.append(
             AllowConfig(str(item["prefix"]), tuple(map(str, item.get("namespaces") or ())))
         )
-    timeout = float(raw.get("publish_timeout", CsiConfig.publish_timeout))
-    if not 1 <= timeout <= 110:
-        raise ValueError(
-            f"csi.publish_timeout must be between 1 and 110 seconds (kubelet gives up "
-            f"after 120): {timeout}"
-        )
     return CsiConfig(
         allow=tuple(rules),
-        publish_timeout=timeout,
+        publish_timeout=checked_publish_timeout(
+            raw.get("publish_timeout", CsiConfig.publish_timeout), "csi.publish_timeout"
+        ),
         state_dir=str(raw.get("state_dir", CsiConfig.state_dir)),
     )
+
+
+def checked_publish_timeout(value: Any, name: str) -> float:
+    """Seconds a CSI publish waits: kubelet gives up on the call after 120."""
+    timeout = float(value)
+    if not 1 <= timeout <= 110:
+        raise ValueError(
+            f"{name} must be between 1 and 110 seconds (kubelet gives up after 120): {timeout:g}"
+        )
+    return timeout
 
 
 def _build_server(raw: Any) -> ServerConfig:

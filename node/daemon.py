@@ -21,13 +21,14 @@ from typing import Any
 
 import grpc
 from cachefs.node.auth import TokenInterceptor
-from cachefs.node.cluster.membership import membership_from_config
+from cachefs.node.cluster.from_config import membership_from_config
 from cachefs.node.cluster.peers import Peers
 from cachefs.node.config import Config
 from cachefs.node.engine import Engine
 from cachefs.node.labels import SourceLabels
 from cachefs.node.metrics import NodeCollector, serve_metrics
 from cachefs.node.server import MAX_CHUNK, CacheServicer, node_id_default
+from cachefs.node.service import CacheService
 from cachefs.node.signals import wait_for_termination
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -90,9 +91,10 @@ class Node:
             )
         self.engine = Engine(config, peers=self.peers)
         self.labels = _source_labels(config, self.engine) if config.cluster.label_node else None
-        self.servicer = CacheServicer(
+        self.service = CacheService(
             self.engine, config.server.node_id or node_id_default(), self.peers
         )
+        self.servicer = CacheServicer(self.service)
         self.health = health.HealthServicer()
         self.servers: list[grpc.Server] = []
         self.bound: dict[str, str] = {}
@@ -154,7 +156,7 @@ class Node:
             self.bound["address"] = f"{host}:{port}"
         if listeners.metrics_address:
             collector = NodeCollector(
-                self.engine, self.servicer.jobs, self.servicer.calls, self.peers
+                self.engine, self.service.jobs, self.servicer.calls, self.peers
             )
             self._metrics_server, port = serve_metrics(listeners.metrics_address, collector)
             host = listeners.metrics_address.rpartition(":")[0]
@@ -179,7 +181,7 @@ class Node:
         self._stopped.set()
         grace = self.config.server.shutdown_grace if grace is None else grace
         self.health.enter_graceful_shutdown()
-        self.servicer.jobs.shutdown()
+        self.service.jobs.shutdown()
         if self.membership is not None:
             self.membership.stop()
         if self.labels is not None:
@@ -204,7 +206,7 @@ class Node:
 def run(config: Config, listeners: Listeners) -> int:
     """Serve until SIGTERM/SIGINT, then drain; the exit status."""
     node = Node(config, listeners)
-    log.info("serving", extra={"node_id": node.servicer.node_id, **node.bound})
+    log.info("serving", extra={"node_id": node.service.node_id, **node.bound})
     wait_for_termination()
     node.stop()
     return 0

@@ -19,14 +19,18 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
-from cachefs.node.block_writer import BlockWriter
 from cachefs.node.config import Config
+from cachefs.node.flights import Flights
+from cachefs.node.store.block_writer import BlockWriter
 
+from cachefs import ranges
 from cachefs.errors import IntegrityError, QuotaExceededError, VersionChangedError
+from cachefs.types import JobStatus
 
 if TYPE_CHECKING:
     from cachefs.node.cluster.peers import Peers
@@ -61,6 +65,22 @@ class Progress:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def status(self, job_id: str, sources: Sequence[str], pin: str | None) -> JobStatus:
+        """This progress as a running job's status."""
+        return JobStatus(
+            id=job_id,
+            state="running",
+            sources=tuple(sources),
+            pin_holder=pin,
+            bytes_total=self.bytes_total,
+            bytes_done=self.bytes_done,
+            objects_total=self.objects_total,
+            objects_done=self.objects_done,
+            fetched_bytes=self.fetched_bytes,
+            peer_bytes=self.peer_bytes,
+            seconds=self.elapsed,
+        )
+
 
 @dataclass(frozen=True)
 class Filled:
@@ -94,6 +114,24 @@ class PrefetchResult:
     seconds: float
     pinned_by: str | None
 
+    def status(self, job_id: str) -> JobStatus:
+        """This outcome as a finished job's status."""
+        return JobStatus(
+            id=job_id,
+            state="succeeded",
+            sources=self.manifest.sources,
+            pin_holder=self.pinned_by,
+            bytes_total=self.bytes,
+            bytes_done=self.bytes,
+            objects_total=self.objects,
+            objects_done=self.objects,
+            fetched_bytes=self.fetched_bytes,
+            peer_bytes=self.peer_bytes,
+            cached_before=self.cached_before,
+            evicted_during=self.evicted_during,
+            seconds=self.seconds,
+        )
+
 
 class Engine:
     """One node's cache: a store of tiers in front of the origins."""
@@ -113,8 +151,7 @@ class Engine:
         self.store = Store(config.tiers, config.group)
         self.origin = Origin(config, options, observe=self.stats.observe_origin)
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cachefs-fill")
-        self._flights: dict[tuple[str, int], Future[Filled]] = {}
-        self._flights_lock = threading.Lock()
+        self._flights: Flights[tuple[str, int], Filled] = Flights(self._pool)
         self._stat_cache: dict[str, tuple[float, ObjectRef]] = {}
         # Refs handed out recently, by object id: a reader in another process that
         # pinned one gets it back whole (with the ETag its fills must carry).
@@ -195,7 +232,7 @@ class Engine:
 
     def read_ref(self, ref: ObjectRef, start: int = 0, end: int | None = None) -> bytes:
         """Bytes [start, end) of ``ref``'s version; ``end`` None or past the size clips."""
-        start, end = _clip(ref, start, end)
+        start, end = ranges.clipped(ref.canonical, ref.size, start, end)
         if start == end:
             return b""
         fast = self._read_verified_range(ref, start, end)
@@ -222,35 +259,24 @@ class Engine:
 
     def readinto_ref(self, ref: ObjectRef, start: int, into: memoryview) -> None:
         """Fill ``into`` with the bytes of ``ref`` from ``start``."""
-        end = start + len(into)
-        if start < 0 or end > ref.size:
-            raise ValueError(
-                f"invalid range [{start}, {end}) for {ref.canonical} ({ref.size} bytes)"
-            )
+        end = ranges.exact(ref.canonical, ref.size, start, len(into))
         if start == end:
             return
         obj = self.store.place(self.header(ref))
         # Blocks as the stored object cuts them: another process may have made it.
         bs = obj.header.block_size if obj is not None else self.config.block_size
         first, last = start // bs, (end - 1) // bs
-        pending: dict[int, Future[Filled]] = {}
         with self._holding(obj):
             if obj is not None:
                 missing = [i for i in range(first, last + 1) if i not in obj.present]
             else:
                 missing = list(range(first, last + 1))
-            own_first = None
-            for index in missing:
-                future, created = self._flight(ref, index)
-                pending[index] = future
-                if created and own_first is None:
-                    own_first = (index, future)
-                elif created:
-                    self._pool.submit(self._run_flight, ref, obj, index, future)
-            if own_first is not None:  # fill one block in this thread: no queueing
-                self._run_flight(ref, obj, own_first[0], own_first[1])
+            # One block is filled in this thread: no queueing behind the pool.
+            pending = self._flights.run_first(
+                ((ref.id, i), partial(self._fill, ref, obj, i)) for i in missing
+            )
             for index in range(first, last + 1):
-                self._copy_block(ref, obj, index, pending.get(index), start, into)
+                self._copy_block(ref, obj, index, pending.get((ref.id, index)), start, into)
         self._note_sequential(ref, start, end, obj)
 
     def _copy_block(
@@ -277,9 +303,7 @@ class Engine:
                 return
             # Evicted, replaced or found corrupt since: place again and refill.
             obj = self.store.place(self.header(ref))
-            future, created = self._flight(ref, index)
-            if created:
-                self._run_flight(ref, obj, index, future)
+            future = self._flights.run((ref.id, index), partial(self._fill, ref, obj, index))
         raise IntegrityError(
             f"{ref.canonical}: block {index} could not be read back intact after "
             f"{_MAX_ATTEMPTS} attempts; check the cache disk"
@@ -289,36 +313,6 @@ class Engine:
         return self.store.in_use(obj) if obj is not None else nullcontext()
 
     # -- fills -------------------------------------------------------------------
-
-    def _flight(self, ref: ObjectRef, index: int) -> tuple[Future[Filled], bool]:
-        """The in-flight fill of a block, and whether this call created it."""
-        key = (ref.id, index)
-        with self._flights_lock:
-            future = self._flights.get(key)
-            if future is not None:
-                return future, False
-            future = Future()
-            self._flights[key] = future
-            return future, True
-
-    def _run_flight(
-        self,
-        ref: ObjectRef,
-        obj: CachedObject | None,
-        index: int,
-        future: Future[Filled],
-        forwarded: bool = False,
-    ) -> None:
-        try:
-            if not future.set_running_or_notify_cancel():
-                return
-            future.set_result(self._fill(ref, obj, index, forwarded))
-        except BaseException as exc:
-            future.set_exception(exc)
-        finally:
-            with self._flights_lock:
-                if self._flights.get((ref.id, index)) is future:
-                    del self._flights[(ref.id, index)]
 
     def _fill(
         self, ref: ObjectRef, obj: CachedObject | None, index: int, forwarded: bool = False
@@ -378,9 +372,7 @@ class Engine:
             first, min(first + self.config.readahead_blocks, obj.header.block_count)
         ):
             if index not in obj.present:
-                future, created = self._flight(ref, index)
-                if created:
-                    self._pool.submit(self._run_flight, ref, obj, index, future)
+                self._flights.submit((ref.id, index), partial(self._fill, ref, obj, index))
 
     # -- peers -------------------------------------------------------------------
 
@@ -414,10 +406,8 @@ class Engine:
             if not fill:
                 return None
             obj = self.store.place(header)
-            future, created = self._flight(ref, index)
-            if created:
-                self._run_flight(ref, obj, index, future, forwarded)
-            filled = future.result()
+            work = partial(self._fill, ref, obj, index, forwarded)
+            filled = self._flights.run((ref.id, index), work).result()
             if filled.data is not None:  # no room here: hand on what was fetched
                 self.stats.to_peer(end - start)
                 return filled.data, xxhash.xxh3_64_intdigest(filled.data)
@@ -464,10 +454,8 @@ class Engine:
             if not missing:
                 state.objects_done += 1
             for index in missing:
-                future, created = self._flight(ref, index)
-                if created:
-                    self._pool.submit(self._run_flight, ref, obj, index, future)
-                jobs.append((ref, obj, index, future))
+                work = partial(self._fill, ref, obj, index)
+                jobs.append((ref, obj, index, self._flights.submit((ref.id, index), work)))
         cached_before = state.bytes_done
         if progress:
             progress(dataclasses.replace(state))
@@ -586,53 +574,3 @@ class Engine:
             f"{ref.canonical}: could not produce an intact local copy after "
             f"{_MAX_ATTEMPTS} attempts; check the cache disk"
         )
-
-    def cached(self) -> list[CachedObject]:
-        return sorted(self.store.objects(), key=lambda o: o.header.url)
-
-    def evict(self, source: str) -> list[CachedObject]:
-        """Evict the cached objects (any version) that ``source`` names."""
-        targets = self.matching(source)
-        if not targets:
-            raise FileNotFoundError(f"nothing cached matches {parse_url(source)}")
-        pinned = [o for o in targets if self.store.holders(o.id)]
-        if pinned:
-            holders = sorted({h for o in pinned for h in self.store.holders(o.id)})
-            raise QuotaExceededError(
-                f"{len(pinned)} of the {len(targets)} objects are pinned (by "
-                f"{', '.join(holders)}); unpin them first (cachefs unpin --holder NAME SOURCE)"
-            )
-        for obj in targets:
-            self.store.evict(obj)
-        return targets
-
-    def unpin(self, holder: str, source: str | None = None) -> int:
-        pins = self.store.pins()
-        if holder not in pins:
-            raise FileNotFoundError(f"no pins held by {holder!r}")
-        ids = set(pins[holder])
-        if source is not None:
-            ids &= {o.id for o in self.matching(source)}
-        self.store.unpin(holder, ids)
-        return len(ids)
-
-    def matching(self, source: str) -> list[CachedObject]:
-        url = parse_url(source)
-        prefix = url.canonical if source.endswith("/") else None
-        return [
-            o
-            for o in self.store.objects()
-            if o.header.url == url.canonical or (prefix and o.header.url.startswith(prefix))
-        ]
-
-
-def _clip(ref: ObjectRef, start: int, end: int | None) -> tuple[int, int]:
-    if start < 0 or (end is not None and end < start):
-        raise ValueError(
-            f"invalid range [{start}, {end}) for {ref.canonical}: offsets must be "
-            "non-negative and end must not precede start"
-        )
-    if start > ref.size:
-        raise ValueError(f"offset {start} is past the end of {ref.canonical} ({ref.size} bytes)")
-    end = ref.size if end is None else min(end, ref.size)
-    return start, end

@@ -1,8 +1,10 @@
-"""Prefetch jobs run inside the node, and their progress as ``JobStatus`` snapshots.
+"""Prefetch jobs inside the node: each runs in its own thread and is watched by status.
 
 A client starts a job and watches it (``WatchJob``); the job runs on in the node if
-the client goes away, and ``cachefs status`` lists it. Embedded mode runs the same
-prefetch inline and reports the same snapshots (``status_of_progress``).
+the client goes away, and ``cachefs status`` lists it. Embedded mode runs its
+prefetch in the caller's thread, recorded the same way. What a job does is the
+service's business (``CacheService``): the registry only runs it, keeps its latest
+``JobStatus`` and turns an exception into a failed status.
 """
 
 from __future__ import annotations
@@ -15,54 +17,15 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
-from cachefs.node.engine import Engine, Manifest, PrefetchResult, Progress
-
-from cachefs.api import JobStatus
-
-if TYPE_CHECKING:
-    from cachefs.node.cluster.peers import Peers
+from cachefs.types import JobStatus
 
 log = logging.getLogger("cachefs.jobs")
 _FINISHED_KEPT = 100
 WATCH_INTERVAL = 0.5
 
-
-def status_of_progress(
-    job_id: str, sources: Sequence[str], pin: str | None, progress: Progress
-) -> JobStatus:
-    return JobStatus(
-        id=job_id,
-        state="running",
-        sources=tuple(sources),
-        pin_holder=pin,
-        bytes_total=progress.bytes_total,
-        bytes_done=progress.bytes_done,
-        objects_total=progress.objects_total,
-        objects_done=progress.objects_done,
-        fetched_bytes=progress.fetched_bytes,
-        peer_bytes=progress.peer_bytes,
-        seconds=progress.elapsed,
-    )
-
-
-def status_of_result(job_id: str, sources: Sequence[str], result: PrefetchResult) -> JobStatus:
-    return JobStatus(
-        id=job_id,
-        state="succeeded",
-        sources=tuple(sources),
-        pin_holder=result.pinned_by,
-        bytes_total=result.bytes,
-        bytes_done=result.bytes,
-        objects_total=result.objects,
-        objects_done=result.objects,
-        fetched_bytes=result.fetched_bytes,
-        peer_bytes=result.peer_bytes,
-        cached_before=result.cached_before,
-        evicted_during=result.evicted_during,
-        seconds=result.seconds,
-    )
+# A job's work: given its id and a function to report progress, its final status.
+Work = Callable[[str, Callable[[JobStatus], None]], JobStatus]
 
 
 class Job:
@@ -104,39 +67,49 @@ class Job:
 class JobRegistry:
     """The node's prefetch jobs: running ones and the last finished ones."""
 
-    def __init__(self, engine: Engine, peers: Peers | None = None) -> None:
-        self._engine = engine
-        self._peers = peers
+    def __init__(self) -> None:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
-    def start(
+    def start(self, sources: Sequence[str], pin: str | None, work: Work) -> Job:
+        """Run ``work`` for a prefetch of ``sources`` in a thread of its own."""
+        job = self._add(sources, pin)
+        context = contextvars.copy_context()  # the job's log lines carry the request id
+        thread = threading.Thread(
+            target=context.run, args=(self._run, job, work), name=f"job-{job.id}", daemon=True
+        )
+        thread.start()
+        return job
+
+    def run(
         self,
         sources: Sequence[str],
         pin: str | None,
-        tier: str | None,
-        manifest: Manifest | None = None,
-        cluster: bool = False,
-    ) -> Job:
-        """Run a prefetch of ``sources`` (or of exactly ``manifest``), on this node or,
-        with ``cluster``, on every member."""
-        if cluster and self._peers is None:
-            raise ValueError(
-                "this node has no cluster: configure cluster.membership (or cachefs node "
-                "--peers) to prefetch onto every node"
-            )
+        work: Work,
+        progress: Callable[[JobStatus], None],
+    ) -> JobStatus:
+        """Run ``work`` in this thread (embedded mode), reporting to ``progress`` too;
+        its final status. A failure is recorded, then raised as it was, for the caller
+        to report."""
+        job = self._add(sources, pin)
+
+        def report(status: JobStatus) -> None:
+            job.update(status)
+            progress(status)
+
+        try:
+            final = work(job.id, report)
+        except BaseException as exc:
+            job.update(_failed(job.status, exc))
+            raise
+        job.update(final)
+        return job.status
+
+    def _add(self, sources: Sequence[str], pin: str | None) -> Job:
         job = Job(uuid.uuid4().hex[:16], sources, pin)
         with self._lock:
             self._jobs[job.id] = job
             self._forget_old()
-        context = contextvars.copy_context()  # the job's log lines carry the request id
-        thread = threading.Thread(
-            target=context.run,
-            args=(self._run, job, sources, pin, tier, manifest, cluster),
-            name=f"job-{job.id}",
-            daemon=True,
-        )
-        thread.start()
         return job
 
     def get(self, job_id: str) -> Job:
@@ -155,7 +128,9 @@ class JobRegistry:
 
     def shutdown(self) -> None:
         """End every running job's watchers: the node is going away."""
-        for job in list(self._jobs.values()):
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
             if not job.status.finished:
                 job.update(
                     dataclasses.replace(
@@ -167,60 +142,37 @@ class JobRegistry:
                     )
                 )
 
-    def _run(
-        self,
-        job: Job,
-        sources: Sequence[str],
-        pin: str | None,
-        tier: str | None,
-        manifest: Manifest | None,
-        cluster: bool,
-    ) -> None:
-        def on_progress(progress: Progress) -> None:
-            job.update(status_of_progress(job.id, sources, pin, progress))
-
+    def _run(self, job: Job, work: Work) -> None:
         try:
-            if cluster:
-                from cachefs.node.cluster.prefetch import run_cluster_prefetch
-
-                assert self._peers is not None
-                final = run_cluster_prefetch(
-                    self._engine,
-                    self._peers,
-                    manifest or self._engine.resolve(sources),
-                    pin,
-                    tier,
-                    job.update,
-                    job.id,
-                )
-                job.update(final)
-                return
-            if manifest is not None:
-                result = self._engine.prefetch_manifest(
-                    manifest, pin=pin, tier=tier, progress=on_progress
-                )
-            else:
-                result = self._engine.prefetch(sources, pin=pin, tier=tier, progress=on_progress)
+            final = work(job.id, job.update)
         except Exception as exc:
-            from cachefs.rpc_errors import kind_of, message_of  # grpc: the daemon's import
-
-            log.warning("job %s failed: %s", job.id, message_of(exc))
-            job.update(
-                dataclasses.replace(
-                    job.status, state="failed", error=message_of(exc), error_kind=kind_of(exc)
-                )
-            )
+            job.update(_failed(job.status, exc))
+            log.warning("job %s failed: %s", job.id, job.status.error)
             return
-        job.update(status_of_result(job.id, sources, result))
+        job.update(final)
         log.info(
-            "job %s done: %d bytes, %d from the origin, %d from peers",
+            "job %s %s: %d bytes, %d from the origin, %d from peers",
             job.id,
-            result.bytes,
-            result.fetched_bytes,
-            result.peer_bytes,
+            final.state,
+            final.bytes_total,
+            final.fetched_bytes,
+            final.peer_bytes,
         )
 
     def _forget_old(self) -> None:
         finished = [job_id for job_id, job in self._jobs.items() if job.status.finished]
         for job_id in finished[: max(0, len(finished) - _FINISHED_KEPT)]:
             del self._jobs[job_id]
+
+
+def _failed(status: JobStatus, exc: BaseException) -> JobStatus:
+    """``status`` ended by ``exc``: failed, or cancelled when interrupted."""
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
+        return dataclasses.replace(status, state="cancelled", error="interrupted")
+    # Imported on failure only: the table brings grpc, which embedded mode otherwise
+    # never loads.
+    from cachefs.rpc_errors import kind_of, message_of
+
+    return dataclasses.replace(
+        status, state="failed", error=message_of(exc), error_kind=kind_of(exc)
+    )

@@ -6,6 +6,7 @@ import bisect
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 # Upper bounds (seconds) of the origin request latency histogram.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -67,11 +68,6 @@ class EngineStats:
             if error is not None:
                 self.origin_errors[type(error).__name__] += 1
 
-    def hit_ratio(self) -> float | None:
-        with self._lock:
-            total = sum(self.served_bytes.values())
-            return self.served_bytes["local"] / total if total else None
-
     def latency(self) -> dict[str, LatencyHistogram]:
         with self._lock:
             return {
@@ -79,7 +75,7 @@ class EngineStats:
                 for op, h in self.origin_latency.items()
             }
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "served_bytes": dict(self.served_bytes),

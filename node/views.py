@@ -10,6 +10,7 @@ store never rewrites, and the holder's pin keeps them from eviction.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -123,6 +124,13 @@ class Views:
                     os.link(path, link)
                 (staging / _RECORD).write_text(json.dumps(record, sort_keys=True))
                 os.rename(staging, target)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                # Another process on this cache directory (embedded mode) built the
+                # same view first: theirs serves.
+                raced = exc.errno in (errno.EEXIST, errno.ENOTEMPTY)
+                if not raced or _read_record(target) != record:
+                    raise
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
+import shlex
 import site
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +261,67 @@ def mounts_under(root: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         points = [line.split(" ")[4].replace("\\040", " ") for line in f]
     return [p for p in points if p.startswith(prefix)]
+
+
+# -- documented names: what a test claims to exercise ------------------------------------
+#
+# ``@pytest.mark.exercises("--peers", "CACHEFS_ENDPOINT", ...)`` claims that the test runs
+# the CLI as a subprocess with those flags and variables (tests/test_documented_names.py
+# counts the claims). The fixture below holds the test to them: it records the argv and
+# environment of every ``cachefs`` process the test starts.
+
+
+def cli_argv(args: Any, shell: bool = False) -> list[str] | None:
+    """``args`` of a Popen as a list of strings when it runs the ``cachefs`` command
+    (``python -m cachefs.cli ...`` or an executable named ``cachefs``), else None."""
+    if isinstance(args, str | bytes | os.PathLike):
+        argv = shlex.split(os.fsdecode(args)) if shell else [os.fsdecode(args)]
+    else:
+        argv = [os.fsdecode(arg) for arg in args]
+    module = any(a == "-m" and b == "cachefs.cli" for a, b in itertools.pairwise(argv))
+    return argv if argv and (module or Path(argv[0]).name == "cachefs") else None
+
+
+def name_pattern(name: str) -> re.Pattern[str]:
+    """A documented name as a regex: ``<KEY>``, ``<SECTION>`` stand for one config key
+    (``CACHEFS_<SECTION>__<KEY>`` is matched by ``CACHEFS_RETRY__ATTEMPTS``)."""
+    parts = re.split(r"<[A-Z]+>", name)
+    return re.compile("[A-Z0-9]+(?:_[A-Z0-9]+)*".join(map(re.escape, parts)))
+
+
+def _exercised(name: str, runs: Sequence[tuple[list[str], Mapping[str, str]]]) -> bool:
+    if name.startswith("-"):
+        return any(arg == name or arg.startswith(name + "=") for argv, _ in runs for arg in argv)
+    pattern = name_pattern(name)
+    return any(pattern.fullmatch(variable) for _, env in runs for variable in env)
+
+
+@pytest.fixture(autouse=True)
+def _claimed_names_are_exercised(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """For a test marked ``exercises``: fail at teardown unless a ``cachefs`` process it
+    started had each claimed flag in its argv and each claimed variable set."""
+    claimed = [name for mark in request.node.iter_markers("exercises") for name in mark.args]
+    if not claimed:
+        yield
+        return
+    runs: list[tuple[list[str], Mapping[str, str]]] = []
+
+    class RecordingPopen(subprocess.Popen):  # subprocess.run starts its children through it
+        def __init__(self, args: Any, *positional: Any, **options: Any) -> None:
+            argv = cli_argv(args, options.get("shell", False))
+            if argv is not None:
+                env = options.get("env")
+                runs.append((argv, dict(os.environ if env is None else env)))
+            super().__init__(args, *positional, **options)
+
+    monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
+    yield
+    missing = [name for name in claimed if not _exercised(name, runs)]
+    if missing:
+        pytest.fail(
+            f"{request.node.nodeid} claims to exercise {', '.join(missing)}, but none of the "
+            f"{len(runs)} cachefs processes it started had them in its argv or environment",
+            pytrace=False,
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -155,3 +156,14 @@ class CsiProcess(CachefsProcess):
             *extra_args,
         ]
         super().__init__(args, token=None)
+
+
+def loopback_addresses(count: int) -> list[str]:
+    """``127.0.0.<n>:<port>`` for n = 1..count, each port free on its host when probed:
+    a static cluster's members must be named before the nodes start."""
+    addresses = []
+    for index in range(1, count + 1):
+        with socket.socket() as probe:
+            probe.bind((f"127.0.0.{index}", 0))
+            addresses.append(f"127.0.0.{index}:{probe.getsockname()[1]}")
+    return addresses

@@ -656,6 +656,7 @@ def _run_cli(container: Container, argv: list[str]) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.exercises("--cluster", "--endpoint", "CACHEFS_TOKEN_FILE")
 def test_the_rendered_daemonset_serves_a_csi_volume(
     chart, s3, short_root, processes, monkeypatch
 ) -> None:

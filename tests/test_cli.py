@@ -98,6 +98,7 @@ def files(http_origin: RangeHTTPServer) -> RangeHTTPServer:
     return http_origin
 
 
+@pytest.mark.exercises("--json", "--cache-dir")
 def test_prefetch_json(cli: Cli, files: RangeHTTPServer, cache_dir: Path) -> None:
     """--json: progress events with rising counts, then a summary; a rerun fetches nothing."""
     total = len(DATA_A) + len(DATA_B)
@@ -155,6 +156,7 @@ def test_s3_prefetch_and_ls(cli: Cli, s3: S3Bucket, cache_dir: Path) -> None:
     assert listed[0]["version"].startswith("etag:")
 
 
+@pytest.mark.exercises("--pin", "--holder", "--json", "--cache-dir")
 def test_ls_pin_evict_unpin(cli: Cli, files: RangeHTTPServer, cache_dir: Path) -> None:
     """A pinned object cannot be evicted (a clear error) until its holder unpins it."""
     a, b = files.url("/m/a.bin"), files.url("/m/b.bin")
@@ -223,6 +225,7 @@ def _two_tier_config(tmp_path: Path) -> Path:
     return config
 
 
+@pytest.mark.exercises("--tier", "--config", "--json")
 def test_tier_and_status(cli: Cli, files: RangeHTTPServer, tmp_path: Path) -> None:
     """--tier places objects in the named tier; status reports each tier's use and quota."""
     config = str(_two_tier_config(tmp_path))
@@ -249,6 +252,7 @@ def test_tier_and_status(cli: Cli, files: RangeHTTPServer, tmp_path: Path) -> No
     )
 
 
+@pytest.mark.exercises("CACHEFS_CACHE_DIR", "CACHEFS_CONFIG", "CACHEFS_<KEY>", "--cache-dir")
 def test_environment_variables(cli: Cli, files: RangeHTTPServer, tmp_path: Path) -> None:
     """CACHEFS_CACHE_DIR and CACHEFS_CONFIG choose the cache; --cache-dir beats both."""
     env_cache = tmp_path / "env-cache"

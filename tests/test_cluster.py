@@ -109,10 +109,10 @@ def test_cluster_prefetch_reads_each_block_from_the_origin_once(cluster, s3) -> 
         assert len(set(gets)) == len(gets)  # one GET per block, no block twice
     for node in nodes:
         _assert_copy(node, s3, files)
-    peer_bytes = [NodeClient(n.unix_endpoint).status()["served_bytes"] for n in nodes]
+    peer_bytes = [NodeClient(n.unix_endpoint).status().served_bytes for n in nodes]
     assert peer_bytes  # every node answered
     statuses = [NodeClient(n.unix_endpoint).status() for n in nodes]
-    assert all(len(s["members"]) == 4 for s in statuses)
+    assert all(len(s.members) == 4 for s in statuses)
 
 
 def test_a_node_reading_alone_asks_the_owner_and_never_the_origin_twice(cluster, s3) -> None:
@@ -174,7 +174,7 @@ def test_a_node_that_joins_fills_from_peers_not_the_origin(cluster, s3) -> None:
     _assert_copy(joined, s3, files)
     gets = Counter(r.key for r in s3.requests if r.object_get)
     assert not gets, gets
-    assert client.status()["fetched_bytes"] == 0
+    assert client.status().fetched_bytes == 0
 
 
 def test_cluster_prefetch_needs_a_cluster(start_node, tmp_path, s3) -> None:
@@ -221,7 +221,7 @@ def _start_with(start_node, tmp_path, hosts, port, cluster_config):
 
 
 def _members(node) -> set[str]:
-    return set(NodeClient(node.unix_endpoint).status()["members"])
+    return set(NodeClient(node.unix_endpoint).status().members)
 
 
 def test_dns_membership_follows_the_records_without_a_restart(

@@ -310,8 +310,8 @@ def test_crash_mid_repair(http_origin: RangeHTTPServer, cache_dir: Path) -> None
 
     code = (
         "import sys\n"
-        "from cachefs.node.embedded import get_engine\n"
-        "get_engine(sys.argv[1]).read(sys.argv[2])\n"
+        "from cachefs.node.embedded import get_service\n"
+        "get_service(sys.argv[1]).engine.read(sys.argv[2])\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, str(cache_dir), url],

@@ -227,7 +227,7 @@ def test_s3_credentials_do_not_leak(
 
     assert_logs_clean(debug_logs)
     assert_cache_clean(cache_dir)
-    for obj in engine.cached():
+    for obj in engine.store.objects():
         assert obj.header.url.startswith(f"s3://{s3.name}/")
 
     assert_cli_clean(run_cli(cache_dir, "prefetch", "--json", "--pin", url), 0)
@@ -313,7 +313,7 @@ def test_http_userinfo_and_presigned_query_do_not_leak(
 
     assert_logs_clean(debug_logs)
     assert_cache_clean(cache_dir)
-    for obj in engine.cached():
+    for obj in engine.store.objects():
         assert "@" not in obj.header.url and "?" not in obj.header.url
 
     assert_cli_clean(run_cli(cache_dir, "prefetch", "--json", "--pin", url), 0)
@@ -377,4 +377,4 @@ def test_credentialed_and_plain_urls_share_an_object(
     finally:
         fresh.close()
     assert len(http_origin.gets("/x.bin")) == gets  # served from the same cached block
-    assert [o.header.url for o in engine.cached()] == [plain]
+    assert [o.header.url for o in engine.store.objects()] == [plain]

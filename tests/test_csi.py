@@ -113,6 +113,7 @@ def _abort_code(call) -> grpc.StatusCode:
     return caught.value.code(), caught.value.details()
 
 
+@pytest.mark.exercises("--node-id", "--csi-endpoint", "--endpoint")
 def test_identity_and_node_info(plugin, node) -> None:
     stub, identity = _stubs(plugin)
     info = identity.GetPluginInfo(csi.GetPluginInfoRequest(), timeout=10)
@@ -145,14 +146,14 @@ def test_publish_mounts_the_model_read_only_and_unpublish_releases_it(
         (target / "new-file").write_bytes(b"x")
     assert denied.value.errno == errno.EROFS
     client = NodeClient(node.unix_endpoint)
-    assert client.status()["pins"] == {"csi:vol-1": 3}
+    assert client.status().pins == {"csi:vol-1": 3}
 
     stub.NodePublishVolume(request, timeout=60)  # the same call again: success, one mount
     assert mounts_under(tmp_path).count(str(target)) == 1
 
     _unpublish(stub, "vol-1", target)
     assert not target.exists()
-    assert client.status()["pins"] == {}
+    assert client.status().pins == {}
     assert len(client.cached()) == 3  # the data stays cached until evicted
     _unpublish(stub, "vol-1", target)  # again: success
     _unpublish(stub, "never-published", tmp_path / "pods" / "other")
@@ -192,6 +193,7 @@ def test_a_conflicting_publish_is_already_exists(plugin, s3, tmp_path) -> None:
         ("s3://{bucket}/models/llama/", {"sourc": "typo"}, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
+@pytest.mark.exercises("--allow")
 def test_bad_sources_are_refused_and_nothing_is_left(
     plugin, node, s3, tmp_path, source, attributes, expected
 ) -> None:
@@ -204,7 +206,7 @@ def test_bad_sources_are_refused_and_nothing_is_left(
     assert details  # says what was wrong
     assert mounts_under(tmp_path) == []
     assert not target.exists()
-    assert NodeClient(node.unix_endpoint).status()["pins"] == {}
+    assert NodeClient(node.unix_endpoint).status().pins == {}
 
 
 def test_block_volumes_and_missing_fields_are_invalid(plugin, s3, tmp_path) -> None:
@@ -223,6 +225,7 @@ def test_block_volumes_and_missing_fields_are_invalid(plugin, s3, tmp_path) -> N
         )
 
 
+@pytest.mark.exercises("--config")
 def test_namespace_rules_use_the_pod_information(start_csi, node, s3, tmp_path) -> None:
     config = tmp_path / "csi.yaml"
     config.write_text(
@@ -279,6 +282,7 @@ def test_publish_while_the_node_is_down_is_unavailable_then_succeeds(
     assert _files(target) == expected
 
 
+@pytest.mark.exercises("--publish-timeout")
 def test_a_slow_prefetch_answers_aborted_with_progress_and_goes_on(
     start_csi, node, s3, tmp_path
 ) -> None:
@@ -317,8 +321,8 @@ def test_eviction_pressure_never_removes_a_published_file(
     for index in range(6):  # 6 x 192 KiB through a 1 MiB quota that holds ~260 KiB pinned
         s3.put(f"other/{index}.bin", os.urandom(3 * BLOCK))
         fs_client.read(fs_client.stat(s3.url(f"other/{index}.bin")), 0, 3 * BLOCK)
-    usage = fs_client.status()["tiers"][0]
-    assert usage["evictions"] >= 1
+    usage = fs_client.status().tiers[0]
+    assert usage.evictions >= 1
     assert _files(target) == expected
     model = [e for e in fs_client.cached() if "/models/llama/" in e.url]
     assert len(model) == 3
@@ -327,6 +331,7 @@ def test_eviction_pressure_never_removes_a_published_file(
     assert (target / "model-00001.safetensors").stat().st_nlink == 2
 
 
+@pytest.mark.exercises("--state-dir")
 def test_a_restarted_plugin_keeps_live_volumes_and_cleans_stale_ones(
     start_csi, node, s3, tmp_path
 ) -> None:
@@ -339,7 +344,7 @@ def test_a_restarted_plugin_keeps_live_volumes_and_cleans_stale_ones(
         _publish_request("vol-stale", stale, s3.url("models/llama/")), timeout=60
     )
     client = NodeClient(node.unix_endpoint)
-    assert set(client.status()["pins"]) == {"csi:vol-live", "csi:vol-stale"}
+    assert set(client.status().pins) == {"csi:vol-live", "csi:vol-stale"}
 
     plugin.kill()
     subprocess.run(["umount", str(stale)], check=True)  # its pod left while the plugin was down
@@ -347,11 +352,11 @@ def test_a_restarted_plugin_keeps_live_volumes_and_cleans_stale_ones(
     assert reader.join() == expected
 
     again = start_csi(node.unix_endpoint, allow=(f"s3://{s3.name}/models/",))
-    assert set(client.status()["pins"]) == {"csi:vol-live"}
+    assert set(client.status().pins) == {"csi:vol-live"}
     assert _files(live) == expected
     stub, _ = _stubs(again)
     _unpublish(stub, "vol-live", live)
-    assert mounts_under(tmp_path) == [] and client.status()["pins"] == {}
+    assert mounts_under(tmp_path) == [] and client.status().pins == {}
 
 
 def test_sigterm_stops_the_plugin_and_leaves_volumes_mounted(plugin, s3, tmp_path) -> None:

@@ -51,7 +51,7 @@ def _fs(endpoint: str, **options: object) -> fsspec.AbstractFileSystem:
 
 
 def _rpcs(node_endpoint: str) -> dict[str, int]:
-    return NodeClient(node_endpoint).status()["rpcs"]
+    return NodeClient(node_endpoint).status().rpcs
 
 
 @pytest.fixture
@@ -60,6 +60,7 @@ def node(start_node, tmp_path, s3):
     return start_node(cache, config=_config(tmp_path, cache))
 
 
+@pytest.mark.exercises("--socket", "--address", "CACHEFS_TOKEN")
 def test_reads_through_grpc_equal_the_origin(node, s3, monkeypatch) -> None:
     data = _payload(3 * BLOCK + 1234)
     s3.put("model.bin", data)
@@ -162,7 +163,7 @@ def test_oversized_request_is_resource_exhausted(node) -> None:
         stub.Prefetch(huge, timeout=30)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # The node is fine afterwards.
-    assert NodeClient(node.unix_endpoint).status()["tiers"]
+    assert NodeClient(node.unix_endpoint).status().tiers
 
 
 def test_chunk_size_out_of_range_is_invalid_argument(node, s3) -> None:
@@ -313,6 +314,7 @@ def test_fork_with_calls_in_flight_keeps_parent_and_child_working(node, s3, tmp_
     assert result.stdout.strip() == "children 0 0 0 0 0"
 
 
+@pytest.mark.exercises("--detach", "--pin", "--holder", "--json", "CACHEFS_ENDPOINT")
 def test_cli_prefetch_waits_detaches_and_status_shows_the_job(node, s3, tmp_path) -> None:
     data = _payload(3 * BLOCK)
     s3.put("m/a.bin", data)
@@ -365,7 +367,7 @@ def test_pins_survive_a_node_restart(start_node, tmp_path, s3) -> None:
     NodeClient(node.unix_endpoint).prefetch([s3.url("pinned.bin")], pin="csi:vol-1")
     node.kill()
     again = start_node(cache, config=config, socket_path=tmp_path / "p.sock")
-    assert NodeClient(again.unix_endpoint).status()["pins"] == {"csi:vol-1": 1}
+    assert NodeClient(again.unix_endpoint).status().pins == {"csi:vol-1": 1}
 
 
 def test_socket_mode_and_unreachable_endpoint(node, tmp_path) -> None:

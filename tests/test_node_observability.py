@@ -71,6 +71,7 @@ def node(start_node, tmp_path, s3):
 # -- metrics ---------------------------------------------------------------------------
 
 
+@pytest.mark.exercises("--metrics-address")
 def test_metrics_follow_cold_and_warm_reads(node, s3) -> None:
     data = os.urandom(3 * BLOCK + 100)  # under one 1 MiB chunk: each read is one Read call
     s3.put("metrics/model.bin", data)
@@ -138,7 +139,7 @@ def test_evictions_are_counted(start_node, tmp_path, s3) -> None:
     assert _value(after, "cachefs_evictions_total", tier="disk") >= 1
     assert _value(after, "cachefs_tier_used_bytes", tier="disk", medium="disk") <= quota
     assert _value(after, "cachefs_tier_objects", tier="disk", medium="disk") == 1
-    assert NodeClient(node.unix_endpoint).status()["tiers"][0]["evictions"] >= 1
+    assert NodeClient(node.unix_endpoint).status().tiers[0].evictions >= 1
 
 
 # -- logs ------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ def test_logs_are_json_and_carry_the_request_id(start_node, tmp_path, s3) -> Non
 # -- status and health ------------------------------------------------------------------
 
 
+@pytest.mark.exercises("--node-id")
 def test_status_reports_the_node(start_node, tmp_path, s3) -> None:
     cache = tmp_path / "cache"
     node = start_node(cache, config=_config(tmp_path, cache), extra_args=("--node-id", "node-a"))
@@ -201,7 +203,7 @@ def test_status_reports_the_node(start_node, tmp_path, s3) -> None:
     assert fs.cat_file(s3.url("status/c.bin")) == cold  # from the origin
     assert fs.cat_file(s3.url("status/p.bin")) == prefetched  # from the cache
 
-    status = client.status()
+    status = client.status().to_dict()  # the shape `cachefs status --json` prints
     assert status["node_id"] == "node-a"
     assert [t["name"] for t in status["tiers"]] == ["disk"]
     assert status["tiers"][0]["objects"] == 2

@@ -221,6 +221,7 @@ def test_tcp_without_a_token_refuses_to_start(tmp_path) -> None:
     assert "serving" not in result.stderr
 
 
+@pytest.mark.exercises("CACHEFS_TOKEN_FILE")
 def test_token_file_works_and_never_leaks(start_node, tmp_path, s3, monkeypatch) -> None:
     secret = "file-token-8c2e77a1"
     token_file = tmp_path / "token"
@@ -374,7 +375,7 @@ def test_socket_mode_from_the_config(start_node, tmp_path) -> None:
     cache = tmp_path / "cache"
     node = start_node(cache, config=_config(tmp_path, cache, server={"socket_mode": "0640"}))
     assert node.socket_path.stat().st_mode & 0o777 == 0o640
-    assert NodeClient(node.unix_endpoint, timeout=10).status()["tiers"]
+    assert NodeClient(node.unix_endpoint, timeout=10).status().tiers
 
 
 @pytest.mark.parametrize("mode", ["0666", "0604", "rw-rw----"])
@@ -397,7 +398,7 @@ try:
 except (NodeUnavailableError, PermissionError) as exc:
     print("refused", type(exc).__name__)
 else:
-    print("ok", status["node_id"])
+    print("ok", status.node_id)
 """
 
 

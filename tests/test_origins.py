@@ -71,7 +71,7 @@ def test_http_connection_reset_is_retried(http_origin: RangeHTTPServer, engine: 
     assert engine.read(http_origin.url("/m.bin"), 0, 2000) == DATA[:2000]
     assert http_origin.gets("/m.bin") == [BLOCK0, BLOCK0]
     assert [r.aborted for r in http_origin.requests if r.object_get] == [True, False]
-    obj = engine.cached()[0]
+    (obj,) = engine.store.objects()
     assert engine.store.verify(obj) == []
     assert list(obj.present) == [0]
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
+from cachefs.node.service import CacheService
 from servers import NOBODY_GID, NOBODY_UID, NobodyRunner
 
 from cachefs.errors import CacheDirError
@@ -157,8 +158,8 @@ def exercise(engine: Engine, origin: dict[str, bytes], root: Path, root_mode: in
         ("prefetch", lambda: engine.prefetch(urls[:2])),
         ("pin", lambda: engine.prefetch([urls[2]], pin="job:a")),
         ("read", lambda: engine.read(urls[0], 1000, 100_000)),
-        ("eviction", lambda: engine.evict(urls[1])),
-        ("unpin", lambda: engine.unpin("job:a")),
+        ("eviction", lambda: CacheService(engine).evict([urls[1]])),
+        ("unpin", lambda: CacheService(engine).unpin("job:a")),
     ]
     for step, action in steps:
         action()

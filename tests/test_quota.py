@@ -19,6 +19,7 @@ from cachefs.node import layout
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine, Progress
 from cachefs.node.layout import PAGE, ObjectHeader
+from cachefs.node.service import CacheService
 from cachefs.node.store import CachedObject, Tier
 from servers import RangeHTTPServer
 
@@ -259,7 +260,7 @@ def test_pins_persist_across_engines_and_unpin_releases_them(
     fresh.prefetch([source(tmp_path / "bulk")])
     assert complete_urls(fresh, pinned) == set(pinned)
 
-    assert fresh.unpin("job:a") == len(ids)
+    assert CacheService(fresh).unpin("job:a") == len(ids)
     assert fresh.store.pins() == {}
     write_objects(tmp_path / "more", 3 * quota // OBJECT_SIZE)
     fresh.prefetch([source(tmp_path / "more")])
@@ -448,8 +449,8 @@ def test_store_writes_only_under_tier_roots(
     engine.prefetch([sorted(objects)[0]], pin="job:a")
     engine.prefetch([source(tmp_path / "src")])
     assert engine.read(http_origin.url("/a%2F..%2F..%2Fescape")) == b"x" * 5000
-    engine.evict(sorted(objects)[-1])
-    engine.unpin("job:a")
+    CacheService(engine).evict([sorted(objects)[-1]])
+    CacheService(engine).unpin("job:a")
     engine.close()
     make_engine(tiers).prefetch([source(tmp_path / "src")])
 

@@ -39,10 +39,10 @@ def test_a_view_links_complete_objects_under_their_origin_names(node, s3) -> Non
     for key, data in model.items():
         s3.put(key, data)
     client = NodeClient(node.unix_endpoint)
-    path = Path(client.view("csi:vol-1", [s3.url("llama/")]))
+    path = Path(client.view("csi:vol-1", [s3.url("llama/")]).path)
 
     assert _files(path) == {key.removeprefix("llama/"): data for key, data in model.items()}
-    assert client.status()["pins"] == {"csi:vol-1": 3}
+    assert client.status().pins == {"csi:vol-1": 3}
     for entry in client.cached():
         assert entry.complete and entry.pinned_by == ("csi:vol-1",)
     linked = path / "weights" / "model-00001.safetensors"
@@ -53,21 +53,21 @@ def test_a_view_links_complete_objects_under_their_origin_names(node, s3) -> Non
 
     # Asked again, the same view comes back without a rebuild.
     inode = path.stat().st_ino
-    assert Path(client.view("csi:vol-1", [s3.url("llama/")])) == path
+    assert Path(client.view("csi:vol-1", [s3.url("llama/")]).path) == path
     assert path.stat().st_ino == inode
 
     # Unpinning the holder removes its view; the objects stay cached, unpinned.
     assert client.unpin("csi:vol-1") == 3
     assert not path.exists()
-    assert client.status()["pins"] == {}
+    assert client.status().pins == {}
     assert len(client.cached()) == 3
 
 
 def test_a_single_object_view_and_two_holders(node, s3) -> None:
     s3.put("m/model.safetensors", b"w" * 1000)
     client = NodeClient(node.unix_endpoint)
-    first = Path(client.view("job:a", [s3.url("m/model.safetensors")]))
-    second = Path(client.view("job:b", [s3.url("m/model.safetensors")]))
+    first = Path(client.view("job:a", [s3.url("m/model.safetensors")]).path)
+    second = Path(client.view("job:b", [s3.url("m/model.safetensors")]).path)
     assert first != second
     assert _files(first) == _files(second) == {"model.safetensors": b"w" * 1000}
     client.unpin("job:a")

@@ -17,14 +17,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 from cachefs.loaders.sources import client_of, is_url, origin_url
-
-_views: dict[int, Any] = {}
-_views_lock = threading.Lock()
 
 
 def default_holder(prefix: str) -> str:
@@ -35,16 +31,6 @@ def default_holder(prefix: str) -> str:
 def _prefix(source: str) -> str:
     url = origin_url(source)
     return url if url.endswith("/") else url + "/"
-
-
-def _embedded_views(client: Any) -> Any:
-    from cachefs.node.views import Views
-
-    with _views_lock:
-        views = _views.get(id(client.engine))
-        if views is None:
-            views = _views[id(client.engine)] = Views(client.engine)
-        return views
 
 
 def local_model_dir(
@@ -73,26 +59,14 @@ def local_model_dir(
     prefix = _prefix(os.fspath(source))
     client = client_of(storage_options, filesystem)
     holder = holder or default_holder(prefix)
-    if hasattr(client, "view"):  # a node builds the view
-        path = client.view(holder, [prefix], tier)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                errno.ENOENT,
-                f"the node built the view of {prefix} at {path}, but that directory is not "
-                "visible on this host; mount the node's cache root at the same path",
-            )
-        return path
-    if not hasattr(client, "engine"):
-        raise TypeError(f"{type(client).__name__} can build no model directory")
-    views = _embedded_views(client)
-    try:
-        return str(views.build(holder, [prefix], tier).path)
-    except FileExistsError:
-        return str(views.build(holder, [prefix], tier).path)  # another process won a race
-    except OSError as exc:
-        if exc.errno != errno.ENOTEMPTY:
-            raise
-        return str(views.build(holder, [prefix], tier).path)
+    path = client.view(holder, [prefix], tier).path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"the node built the view of {prefix} at {path}, but that directory is not "
+            "visible on this host; mount the node's cache root at the same path",
+        )
+    return path
 
 
 def release_model_dir(
@@ -108,9 +82,5 @@ def release_model_dir(
     prefix = _prefix(os.fspath(source))
     client = client_of(storage_options, filesystem)
     holder = holder or default_holder(prefix)
-    if hasattr(client, "view"):
-        client.unpin(holder)  # the node removes the holder's view with its pins
-        return
-    _embedded_views(client).remove(holder)
     with contextlib.suppress(FileNotFoundError):  # nothing pinned (any more)
-        client.unpin(holder)
+        client.unpin(holder)  # its view goes with the holder's pins

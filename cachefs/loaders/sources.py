@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cachefs.loaders.errors import MissingShardError, SafetensorsFormatError
 
 if TYPE_CHECKING:
-    from cachefs.api import CacheClient, ObjectInfo
+    from cachefs.types import CacheClient, ObjectInfo
 
 log = logging.getLogger("cachefs.loaders")
 

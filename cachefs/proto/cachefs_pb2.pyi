@@ -218,7 +218,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStatus(_message.Message):
-    __slots__ = ("name", "medium", "path", "quota", "used", "pinned", "objects", "evictions")
+    __slots__ = ("name", "medium", "path", "quota", "used", "pinned", "objects", "evictions", "reserved", "high_water")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEDIUM_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,8 @@ class TierStatus(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
     name: str
     medium: str
     path: str
@@ -235,7 +237,9 @@ class TierStatus(_message.Message):
     pinned: int
     objects: int
     evictions: int
-    def __init__(self, name: _Optional[str] = ..., medium: _Optional[str] = ..., path: _Optional[str] = ..., quota: _Optional[int] = ..., used: _Optional[int] = ..., pinned: _Optional[int] = ..., objects: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+    reserved: int
+    high_water: int
+    def __init__(self, name: _Optional[str] = ..., medium: _Optional[str] = ..., path: _Optional[str] = ..., quota: _Optional[int] = ..., used: _Optional[int] = ..., pinned: _Optional[int] = ..., objects: _Optional[int] = ..., evictions: _Optional[int] = ..., reserved: _Optional[int] = ..., high_water: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("node_id", "tiers", "pins", "jobs", "served_bytes", "hits", "misses", "fetched_bytes", "rpcs", "uptime_seconds", "members")

@@ -2,19 +2,16 @@
 
 A membership source keeps a set of peer addresses (``host:port`` of each node's
 gRPC listener, this node's own included) and may change it at any time: nodes come
-and go without a restart. ``static`` is a fixed list; ``dns`` re-resolves a headless
-Service name (``cachefs.node.cluster.dns``); ``kubernetes`` watches the Service's
-EndpointSlices (``cachefs.node.kube``).
+and go without a restart. ``static`` (here) is a fixed list; ``dns`` re-resolves a
+headless Service name (``cachefs.node.cluster.dns``); ``kubernetes`` watches the
+Service's EndpointSlices (``cachefs.node.kube``). ``from_config`` picks one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import Any
 
 log = logging.getLogger("cachefs.cluster")
 
@@ -69,39 +66,3 @@ def parse_peer(address: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"peer {address!r} is not host:port")
     return address
-
-
-def membership_from_config(cluster: Any) -> Membership | None:
-    """The source ``cluster.membership`` names (None for ``none``), not started yet."""
-    if cluster.membership == "static":
-        return StaticMembership(parse_peer(p) for p in cluster.peers)
-    if cluster.membership == "dns":
-        from cachefs.node.cluster.dns import DnsMembership
-
-        return DnsMembership(
-            cluster.dns_name, cluster.dns_port, cluster.dns_resolver, cluster.refresh_interval
-        )
-    if cluster.membership == "kubernetes":
-        from cachefs.node.kube import KubernetesMembership
-
-        return KubernetesMembership(
-            service=cluster.kubernetes_service,
-            namespace=cluster.kubernetes_namespace or _own_namespace(),
-            port_name=cluster.kubernetes_port_name,
-            api_url=cluster.kubernetes_api_url,
-            kubeconfig=cluster.kubeconfig,
-        )
-    return None
-
-
-_SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-def _own_namespace() -> str:
-    """The pod's namespace: POD_NAMESPACE, else its service account's, else default."""
-    if os.environ.get("POD_NAMESPACE"):
-        return os.environ["POD_NAMESPACE"]
-    try:
-        return Path(_SERVICE_ACCOUNT_NAMESPACE).read_text().strip() or "default"
-    except OSError:
-        return "default"

@@ -14,10 +14,13 @@ import threading
 from collections.abc import Callable
 
 from cachefs.node.cluster.peers import Peers
-from cachefs.node.engine import Engine, Manifest, Progress
+from cachefs.node.engine import Manifest
 
-from cachefs.api import JobStatus
 from cachefs.proto import cachefs_pb2 as pb
+from cachefs.types import JobStatus
+
+# This node's share: its progress reports in, its final status out.
+RunHere = Callable[[Callable[[JobStatus], None]], JobStatus]
 
 
 def manifest_message(manifest: Manifest) -> list[pb.ObjectInfo]:
@@ -34,15 +37,16 @@ def manifest_message(manifest: Manifest) -> list[pb.ObjectInfo]:
 
 
 def run_cluster_prefetch(
-    engine: Engine,
     peers: Peers,
     manifest: Manifest,
     pin: str | None,
     tier: str | None,
     report: Callable[[JobStatus], None],
     job_id: str,
+    run_here: RunHere,
 ) -> JobStatus:
-    """Prefetch ``manifest`` on every member; the summed final status."""
+    """Prefetch ``manifest`` on every member (``run_here`` on this one); the summed
+    final status."""
     members = sorted({*peers.membership.members(), peers.self_address})
     latest: dict[str, JobStatus] = {}
     errors: dict[str, str] = {}
@@ -79,7 +83,7 @@ def run_cluster_prefetch(
     def run_member(member: str) -> None:
         try:
             if member == peers.self_address:
-                _run_here(engine, manifest, pin, tier, job_id, lambda s: note(member, s))
+                note(member, run_here(lambda s: note(member, s)))
             else:
                 _run_there(peers, member, manifest, pin, tier, lambda s: note(member, s))
         except Exception as exc:
@@ -96,23 +100,6 @@ def run_cluster_prefetch(
         thread.join()
     with lock:
         return summary("failed" if errors else "succeeded")
-
-
-def _run_here(
-    engine: Engine,
-    manifest: Manifest,
-    pin: str | None,
-    tier: str | None,
-    job_id: str,
-    note: Callable[[JobStatus], None],
-) -> None:
-    from cachefs.node.jobs import status_of_progress, status_of_result
-
-    def on_progress(progress: Progress) -> None:
-        note(status_of_progress(job_id, manifest.sources, pin, progress))
-
-    result = engine.prefetch_manifest(manifest, pin=pin, tier=tier, progress=on_progress)
-    note(status_of_result(job_id, manifest.sources, result))
 
 
 def _run_there(

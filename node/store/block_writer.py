@@ -13,26 +13,38 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import time
-from contextlib import ExitStack
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager, ExitStack
+from typing import Protocol
 
 import xxhash
 from cachefs.node import layout
 from cachefs.node.faults import crash_point, should_crash
+from cachefs.node.store.objects import CachedObject, Tier
 
 from cachefs.errors import IntegrityError
 
-if TYPE_CHECKING:
-    from cachefs.node.store import CachedObject, Store
-
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StoreSide(Protocol):
+    """What a writer needs of the ``Store`` that made it (a Protocol, so that this
+    module need not import the store package's ``__init__``, which imports it)."""
+
+    def in_use(self, obj: CachedObject) -> AbstractContextManager[CachedObject]: ...
+
+    def forget(self, obj: CachedObject) -> None: ...
+
+    def make_room(self, tier: Tier, amount: int, protect: CachedObject) -> bool: ...
+
+    def note_recorded(self, obj: CachedObject, index: int, checksum: int, charge: int) -> None: ...
+
+    def unreserve(self, tier: Tier, amount: int) -> None: ...
 
 
 class BlockWriter:
     """A sink for one block of one cached object. Make it with ``Store.block_writer``."""
 
-    def __init__(self, store: Store, obj: CachedObject, index: int, charge: int) -> None:
+    def __init__(self, store: StoreSide, obj: CachedObject, index: int, charge: int) -> None:
         self._store = store
         self._obj = obj
         self._index = index
@@ -118,7 +130,6 @@ class BlockWriter:
             meta.write(record)
         self._store.note_recorded(obj, self._index, checksum, self._charge)
         self._reserved = False
-        obj.last_used = time.time()
 
     def _release_reservation(self) -> None:
         if self._reserved:

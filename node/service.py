@@ -1,0 +1,309 @@
+"""The node's operations, each written once; the gRPC servicer and embedded mode adapt it.
+
+Every call a client can make (stat, list, cached objects, evict, unpin, views,
+prefetch and its jobs, status) is a method here that takes plain values, checks
+them, and returns the contract's types (``cachefs.types``). The servicer
+(``server.py``) turns messages into these calls and results into messages; the
+``EmbeddedClient`` (``embedded.py``) calls them in the process. So a node and
+embedded mode do the same thing; tests/test_modes.py holds them to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cachefs.node.engine import Engine, Manifest
+from cachefs.node.jobs import Job, JobRegistry
+from cachefs.node.origins import ObjectRef
+from cachefs.node.store import CachedObject
+from cachefs.node.views import Views
+
+from cachefs.errors import QuotaExceededError
+from cachefs.types import (
+    CachedEntry,
+    EvictResult,
+    JobStatus,
+    NodeStatus,
+    ObjectInfo,
+    ViewInfo,
+)
+from cachefs.urls import parse_url
+
+if TYPE_CHECKING:
+    from cachefs.node.cluster.peers import Peers
+
+
+class CacheService:
+    """One engine's operations, with its prefetch jobs and views."""
+
+    def __init__(self, engine: Engine, node_id: str = "", peers: Peers | None = None) -> None:
+        """``node_id`` names the node in ``status``; ``peers``: its cluster, if any."""
+        self.engine = engine
+        self.node_id = node_id
+        self.peers = peers
+        self.jobs = JobRegistry()
+        self.views = Views(engine)
+        self.started = time.monotonic()
+
+    # -- objects -----------------------------------------------------------------
+
+    def stat(self, url: str, data_file: bool = False) -> ObjectInfo:
+        """The object's current version (IsADirectoryError for a prefix). With
+        ``data_file``, a complete object's verified file and inode are looked up too,
+        and ``complete`` says whether that file can be handed out."""
+        ref = self.engine.stat(url)
+        obj = self.engine.store.get(ref.id)
+        info = ObjectInfo(
+            url=ref.canonical,
+            version=ref.version,
+            size=ref.size,
+            id=ref.id,
+            complete=bool(obj and obj.complete),
+            handle=ref,
+        )
+        if data_file and info.complete:
+            found = self.data_file(info.id)
+            info = dataclasses.replace(
+                info,
+                complete=found is not None,
+                local_path=found[0] if found else None,
+                inode=found[1] if found else 0,
+            )
+        return info
+
+    def data_file(self, object_id: str) -> tuple[str, int] | None:
+        """(path, inode) of a complete object's data file, verified; else None."""
+        obj = self.engine.store.get(object_id)
+        if obj is None or not obj.complete:
+            return None
+        path = self.engine.store.local_path(obj)  # verified before it is handed out
+        return (str(path), obj.inode) if path is not None else None
+
+    def pinned(self, url: str, version: str, size: int) -> ObjectRef:
+        """``url`` at the ``version`` (and ``size``) a reader pinned; "" is the current."""
+        ref = self.engine.pinned(url, version)
+        if version and size != ref.size:
+            raise ValueError(
+                f"{ref.canonical} version {ref.version} has {ref.size} bytes, not {size}"
+            )
+        return ref
+
+    def ls(self, url: str) -> list[dict[str, Any]]:
+        """The origin's listing under ``url``: name (a full URL), size, type, version."""
+        parsed = parse_url(url)
+        entries = []
+        for entry in self.engine.origin.ls(parsed):
+            name = str(entry["name"])
+            listed = {
+                "name": name if "://" in name else parsed.child(name).canonical,
+                "size": int(entry.get("size") or 0),
+                "type": str(entry.get("type", "file")),
+            }
+            if entry.get("version"):
+                listed["version"] = str(entry["version"])
+            entries.append(listed)
+        return entries
+
+    # -- what is cached ----------------------------------------------------------
+
+    def cached(self, source: str | None = None) -> list[CachedEntry]:
+        """Cached objects, every version, by URL; only those ``source`` names."""
+        objects = self._matching(source) if source else self.engine.store.objects()
+        return [
+            CachedEntry(
+                url=o.header.url,
+                version=o.header.version,
+                size=o.header.size,
+                cached_bytes=o.cached_bytes,
+                tier=o.tier.name,
+                complete=o.complete,
+                pinned_by=tuple(self.engine.store.holders(o.id)),
+                id=o.id,
+            )
+            for o in sorted(objects, key=lambda o: o.header.url)
+        ]
+
+    def evict(self, sources: Sequence[str]) -> EvictResult:
+        """Evict the cached objects (any version) each source names; pinned ones refuse."""
+        evicted = [obj for source in _checked(sources) for obj in self._evict(source)]
+        return EvictResult(len(evicted), sum(obj.charged for obj in evicted))
+
+    def _evict(self, source: str) -> list[CachedObject]:
+        store = self.engine.store
+        targets = self._matching(source)
+        if not targets:
+            raise FileNotFoundError(f"nothing cached matches {parse_url(source)}")
+        pinned = [o for o in targets if store.holders(o.id)]
+        if pinned:
+            holders = sorted({h for o in pinned for h in store.holders(o.id)})
+            raise QuotaExceededError(
+                f"{len(pinned)} of the {len(targets)} objects are pinned (by "
+                f"{', '.join(holders)}); unpin them first (cachefs unpin --holder NAME SOURCE)"
+            )
+        for obj in targets:
+            store.evict(obj)
+        return targets
+
+    def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
+        """Release ``holder``'s pins of ``sources``; with none, all of them and its view."""
+        if not holder:
+            raise ValueError("name the pin's holder")
+        if sources:
+            return sum(self._unpin(holder, source) for source in _checked(sources))
+        self.views.remove(holder)
+        return self._unpin(holder, None)
+
+    def _unpin(self, holder: str, source: str | None) -> int:
+        pins = self.engine.store.pins()
+        if holder not in pins:
+            raise FileNotFoundError(f"no pins held by {holder!r}")
+        ids = set(pins[holder])
+        if source is not None:
+            ids &= {o.id for o in self._matching(source)}
+        self.engine.store.unpin(holder, ids)
+        return len(ids)
+
+    def _matching(self, source: str) -> list[CachedObject]:
+        """Cached objects ``source`` names: that URL (any version), or all under a prefix."""
+        url = parse_url(source)
+        prefix = url.canonical if source.endswith("/") else None
+        return [
+            o
+            for o in self.engine.store.objects()
+            if o.header.url == url.canonical or (prefix and o.header.url.startswith(prefix))
+        ]
+
+    # -- views -------------------------------------------------------------------
+
+    def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> ViewInfo:
+        """Pin and complete ``sources`` for ``holder``; its view (built once)."""
+        if not holder:
+            raise ValueError("name the view's holder")
+        view = self.views.build(holder, _checked(sources), tier)
+        return ViewInfo(str(view.path), view.objects, view.bytes)
+
+    # -- prefetch ----------------------------------------------------------------
+
+    def prefetch(
+        self,
+        sources: Sequence[str],
+        pin: str | None = None,
+        tier: str | None = None,
+        progress: Callable[[JobStatus], None] | None = None,
+    ) -> JobStatus:
+        """Fetch every object of ``sources`` in this thread (embedded mode), as a job
+        that ``status`` lists; progress reports, then the final status."""
+        sources = self._checked_prefetch(sources, tier, cluster=False)
+        return self.jobs.run(
+            sources,
+            pin,
+            lambda job_id, report: self._prefetch(job_id, report, sources, pin, tier),
+            progress or _ignore,
+        )
+
+    def start_job(
+        self,
+        sources: Sequence[str],
+        pin: str | None = None,
+        tier: str | None = None,
+        *,
+        manifest: Manifest | None = None,
+        cluster: bool = False,
+    ) -> JobStatus:
+        """Run the prefetch of ``sources`` (or of exactly ``manifest``: a peer's), here
+        or with ``cluster`` onto every member, as a job in the node; its first status.
+        Bad input fails now, not in the job."""
+        sources = self._checked_prefetch(sources, tier, cluster)
+
+        def work(job_id: str, report: Callable[[JobStatus], None]) -> JobStatus:
+            return self._prefetch(job_id, report, sources, pin, tier, manifest, cluster)
+
+        return self.jobs.start(sources, pin, work).status
+
+    def _checked_prefetch(
+        self, sources: Sequence[str], tier: str | None, cluster: bool
+    ) -> list[str]:
+        checked = _checked(sources)
+        if tier is not None:
+            self.engine.store.tier(tier)  # a wrong name fails before anything is fetched
+        if cluster:
+            self._cluster()
+        return checked
+
+    def _prefetch(
+        self,
+        job_id: str,
+        report: Callable[[JobStatus], None],
+        sources: list[str],
+        pin: str | None,
+        tier: str | None,
+        manifest: Manifest | None = None,
+        cluster: bool = False,
+    ) -> JobStatus:
+        """The body of every prefetch job: this node's share, or the whole cluster's."""
+        manifest = manifest or self.engine.resolve(sources)
+        if cluster:
+            from cachefs.node.cluster.prefetch import run_cluster_prefetch
+
+            return run_cluster_prefetch(
+                self._cluster(),
+                manifest,
+                pin,
+                tier,
+                report,
+                job_id,
+                run_here=lambda note: self._prefetch(job_id, note, sources, pin, tier, manifest),
+            )
+        result = self.engine.prefetch_manifest(
+            manifest,
+            pin=pin,
+            tier=tier,
+            progress=lambda state: report(state.status(job_id, sources, pin)),
+        )
+        return result.status(job_id)
+
+    def job(self, job_id: str) -> Job:
+        """A job of this node (FileNotFoundError when it is not known)."""
+        return self.jobs.get(job_id)
+
+    def _cluster(self) -> Peers:
+        if self.peers is None:
+            raise ValueError(
+                "this node has no cluster: configure cluster.membership (or cachefs node "
+                "--peers) to prefetch onto every node"
+            )
+        return self.peers
+
+    # -- status ------------------------------------------------------------------
+
+    def status(self) -> NodeStatus:
+        """Tiers, pins, jobs and counters."""
+        stats = self.engine.stats.snapshot()
+        return NodeStatus(
+            node_id=self.node_id,
+            tiers=tuple(self.engine.store.usage()),
+            pins={holder: len(ids) for holder, ids in self.engine.store.pins().items()},
+            jobs=tuple(self.jobs.jobs()),
+            served_bytes=stats["served_bytes"],
+            hits=stats["hits"],
+            misses=stats["misses"],
+            fetched_bytes=stats["fetched_bytes"],
+            uptime_seconds=time.monotonic() - self.started,
+            members=tuple(self.peers.membership.members()) if self.peers else (),
+        )
+
+
+def _checked(sources: Sequence[str]) -> list[str]:
+    """``sources`` as a list, each a valid URL: a bad one fails before any work starts."""
+    if not sources:
+        raise ValueError("name at least one source (a URL, or a prefix ending in /)")
+    for source in sources:
+        parse_url(source)
+    return list(sources)
+
+
+def _ignore(status: JobStatus) -> None:
+    """A progress report nobody asked for."""
