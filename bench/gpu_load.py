@@ -171,9 +171,10 @@ class Caches:
         self.memory_root = Path(tempfile.mkdtemp(prefix="cachefs-gpu-", dir=shm)) if room else None
         self.disk_root = work / "disk"
         try:
-            import cachefs.node.embedded  # noqa: F401  (the engine's dependencies are here)
             import fsspec
             import yaml
+
+            import cachefs.node.embedded  # noqa: F401  (the engine's dependencies are here)
         except ImportError as exc:
             self.engine = False
             self.note = f"plain files instead of cachefs caches ({exc})"

@@ -2,7 +2,7 @@
 
     python bench/store_bench.py [--objects 100000] [--tier-objects 20000]
                                 [--evictions 10000] [--runs 3]
-                                [--python /tmp/venv-before/bin/python]
+                                [--python OLD_VENV/bin/python]
 
 Two measurements, each in a fresh process per run:
 
@@ -131,9 +131,9 @@ def synthesise(root: Path, count: int) -> int:
     of the object's size and a meta file holding the header and the block's record.
     """
     import xxhash
+
     from cachefs.node import layout
     from cachefs.node.layout import ObjectHeader
-
     from cachefs.urls import object_id
 
     data = os.urandom(BLOCK)

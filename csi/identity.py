@@ -6,11 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from cachefs.csi.proto import csi_pb2 as csi
-from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from google.protobuf import wrappers_pb2
 
 import cachefs
+from cachefs.csi.proto import csi_pb2 as csi
+from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 
 DRIVER_NAME = "csi.cachefs.dev"
 

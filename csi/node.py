@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from cachefs.csi import mounts
 from cachefs.csi.allow import AllowRule, check_source
 from cachefs.csi.proto import csi_pb2 as csi
 from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from cachefs.csi.volumes import PublishedVolume, VolumeRecords
-
 from cachefs.errors import NodeUnavailableError, QuotaExceededError, VersionChangedError
 from cachefs.units import format_size
 

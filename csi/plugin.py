@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from cachefs.client import NodeClient
 from cachefs.csi.allow import AllowRule
 from cachefs.csi.identity import IdentityService
 from cachefs.csi.node import NodeService
 from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from cachefs.csi.volumes import VolumeRecords
-from cachefs.node.signals import wait_for_termination
-
-from cachefs.client import NodeClient
 from cachefs.errors import NodeUnavailableError
+from cachefs.node.signals import wait_for_termination
 
 log = logging.getLogger("cachefs.csi")
 DEFAULT_CSI_ENDPOINT = "unix:///csi/csi.sock"

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import xxhash
+
 from cachefs.node.layout import write_file_atomic
 
 

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cachefs.auth import read_token
+from cachefs.client import TLS_CA_ENV
 from cachefs.node.auth import TokenInterceptor
 from cachefs.node.cluster.from_config import membership_from_config
 from cachefs.node.cluster.peers import Peers
@@ -30,10 +34,6 @@ from cachefs.node.metrics import NodeCollector, serve_metrics
 from cachefs.node.server import MAX_CHUNK, CacheServicer, node_id_default
 from cachefs.node.service import CacheService
 from cachefs.node.signals import wait_for_termination
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from cachefs.auth import read_token
-from cachefs.client import TLS_CA_ENV
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cachefs.node")

@@ -18,7 +18,6 @@ from typing import Any
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
 from cachefs.node.service import CacheService
-
 from cachefs.types import CachedEntry, EvictResult, JobStatus, NodeStatus, ObjectInfo, ViewInfo
 
 _services: dict[tuple[int, str], CacheService] = {}

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
-from cachefs.node.config import Config
-from cachefs.node.flights import Flights
-from cachefs.node.store.block_writer import BlockWriter
 
 from cachefs import ranges
 from cachefs.errors import IntegrityError, QuotaExceededError, VersionChangedError
+from cachefs.node.config import Config
+from cachefs.node.flights import Flights
+from cachefs.node.store.block_writer import BlockWriter
 from cachefs.types import JobStatus
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ from cachefs.node.origins import ObjectRef, Origin
 from cachefs.node.sinks import BufferSink
 from cachefs.node.stats import EngineStats
 from cachefs.node.store import CachedObject, Store
-
 from cachefs.units import format_size
 from cachefs.urls import object_id, parse_url
 

@@ -22,8 +22,9 @@ import threading
 import time
 from typing import Any
 
-from cachefs.node.cluster.membership import Membership
 from kubernetes import client, config, watch
+
+from cachefs.node.cluster.membership import Membership
 
 log = logging.getLogger("cachefs.cluster.kubernetes")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import xxhash
-from cachefs.node.layout import write_file_atomic
 
+from cachefs.node.layout import write_file_atomic
 from cachefs.urls import parse_url
 
 log = logging.getLogger("cachefs.labels")

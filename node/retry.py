@@ -12,9 +12,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from cachefs.node.config import RetryConfig
-
 from cachefs.errors import OriginUnavailableError, TransientOriginError
+from cachefs.node.config import RetryConfig
 
 T = TypeVar("T")
 log = logging.getLogger("cachefs.origin")

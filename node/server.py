@@ -23,14 +23,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+
+from cachefs import messages, ranges
 from cachefs.node import logs
 from cachefs.node.engine import Manifest
 from cachefs.node.faults import corrupt_peer_blocks
 from cachefs.node.metrics import CallStats
 from cachefs.node.origins import ObjectRef
 from cachefs.node.service import CacheService
-
-from cachefs import messages, ranges
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
 from cachefs.rpc_errors import abort, kind_of, status_of

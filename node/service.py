@@ -15,13 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cachefs.errors import QuotaExceededError
 from cachefs.node.engine import Engine, Manifest
 from cachefs.node.jobs import Job, JobRegistry
 from cachefs.node.origins import ObjectRef
 from cachefs.node.store import CachedObject
 from cachefs.node.views import Views
-
-from cachefs.errors import QuotaExceededError
 from cachefs.types import (
     CachedEntry,
     EvictResult,

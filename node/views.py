@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
-from cachefs.node import layout
-from cachefs.node.engine import Engine, Manifest
 
 from cachefs.errors import QuotaExceededError
+from cachefs.node import layout
+from cachefs.node.engine import Engine, Manifest
 from cachefs.urls import parse_url
 
 _RECORD = ".view.json"

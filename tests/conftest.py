@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachefs.node.config import load_config
-from cachefs.node.engine import Engine
 from daemon import CsiProcess, NodeProcess
 from servers import (
     AWS_ENV_TO_CLEAR,
@@ -28,6 +26,9 @@ from servers import (
     S3Server,
     make_traversable,
 )
+
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import fsspec
 import pytest
-from cachefs.node.config import load_config
-from cachefs.node.engine import Engine
 from servers import NobodyRunner, RangeHTTPServer, S3Bucket
 
 from cachefs.cli import main as cli_main
 from cachefs.errors import CacheDirError, QuotaExceededError
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 
 DATA = bytes(range(256)) * 400  # 100 KiB, position-dependent bytes
 BLOCK = "64KiB"

@@ -28,15 +28,16 @@ import kubernetes_validate
 import numpy as np
 import pytest
 import yaml
+from conftest import REPO_ROOT, mounts_under
+from daemon import CachefsProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.numpy import save as save_safetensors
+
 from cachefs.csi.allow import AllowRule, check_source
 from cachefs.csi.proto import csi_pb2 as csi
 from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from cachefs.node.config import load_config
 from cachefs.node.labels import label_key
-from conftest import REPO_ROOT, mounts_under
-from daemon import CachefsProcess
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from safetensors.numpy import save as save_safetensors
 
 CHART = REPO_ROOT / "charts" / "cachefs"
 EXAMPLES = REPO_ROOT / "examples"

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachefs.node.config import DEFAULT_BLOCK_SIZE, Config, load_config
 
+from cachefs.node.config import DEFAULT_BLOCK_SIZE, Config, load_config
 from cachefs.units import format_size, parse_size
 
 

@@ -28,9 +28,10 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import xxhash
+from servers import RangeHTTPServer, wait_for
+
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
-from servers import RangeHTTPServer, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KIB = 1024

@@ -20,11 +20,11 @@ from typing import Any
 
 import fsspec
 import pytest
-from cachefs.node.config import load_config
-from cachefs.node.engine import Engine
 from servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, RangeHTTPServer, S3Bucket
 
 from cachefs.errors import OriginUnavailableError, VersionChangedError
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 from cachefs.urls import object_id, parse_url
 
 DATA = bytes(range(256)) * 700  # 175 KiB: three 64 KiB blocks

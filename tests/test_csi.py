@@ -15,13 +15,13 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from cachefs.csi.proto import csi_pb2 as csi
-from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from conftest import mounts_under
 from helpers import Background
 from servers import wait_for
 
 from cachefs.client import NodeClient
+from cachefs.csi.proto import csi_pb2 as csi
+from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 
 BLOCK = 64 * 1024
 KUBELET_POD_INFO = {

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from cachefs.csi.allow import AllowRule, check_source
 from cachefs.node.config import load_config
 

@@ -13,7 +13,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from cachefs.csi.proto import csi_pb2
 from google.protobuf import (
     descriptor_pb2,
     descriptor_pool,
@@ -22,6 +21,8 @@ from google.protobuf import (
     timestamp_pb2,
     wrappers_pb2,
 )
+
+from cachefs.csi.proto import csi_pb2
 
 SPEC_PACKAGE = "ember_csi"
 SPEC_MODULE = ("v1_1_0", "csi_pb2.py")

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from servers import RangeHTTPServer
+
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
 from cachefs.node.store import CachedObject
-from servers import RangeHTTPServer
 
 KIB = 1024
 BLOCK = 64 * KIB

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import yaml
-from cachefs.node.labels import label_key
 from k8s_api import KubeApiServer
 from servers import wait_for
 
 from cachefs.client import NodeClient
+from cachefs.node.labels import label_key
 
 BLOCK = 64 * 1024
 NODE = "worker-1"

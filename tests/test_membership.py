@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cachefs.node.cluster.dns import DnsMembership, parse_resolver
-from cachefs.node.cluster.membership import Membership
-from cachefs.node.kube import KubernetesMembership, endpoint_members
 from dns_server import ANSWER, SERVFAIL, SILENT, DnsServer
 from k8s_api import KubeApiServer, endpoint_slice
 from servers import wait_for
+
+from cachefs.node.cluster.dns import DnsMembership, parse_resolver
+from cachefs.node.cluster.membership import Membership
+from cachefs.node.kube import KubernetesMembership, endpoint_members
 
 NAME = "cachefs-peers.cachefs.svc.cluster.local"
 NAMESPACE = "cachefs"

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 import yaml
-from cachefs.node.embedded import EmbeddedClient
 
 from cachefs.client import NodeClient
+from cachefs.node.embedded import EmbeddedClient
 from cachefs.rpc_errors import message_of
 from cachefs.types import CacheClient, JobStatus, NodeStatus, ObjectInfo
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachefs.node.config import load_config
-from cachefs.node.engine import Engine
 from helpers import Background
 from servers import RangeHTTPServer, S3Bucket, wait_for
 
 from cachefs.errors import OriginUnavailableError
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 
 KIB = 1024
 BLOCK = 64 * KIB

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachefs.node.config import load_config
-from cachefs.node.engine import Engine
-from cachefs.node.service import CacheService
 from servers import NOBODY_GID, NOBODY_UID, NobodyRunner
 
 from cachefs.errors import CacheDirError
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
+from cachefs.node.service import CacheService
 
 BLOCK = 64 * 1024
 OTHER_GID = 4242  # a gid that uid 65534 is not a member of

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 import xxhash
+from servers import RangeHTTPServer
+
+from cachefs.errors import QuotaExceededError
 from cachefs.node import layout
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine, Progress
 from cachefs.node.layout import PAGE, ObjectHeader
 from cachefs.node.service import CacheService
 from cachefs.node.store import CachedObject, Tier
-from servers import RangeHTTPServer
-
-from cachefs.errors import QuotaExceededError
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -18,8 +18,9 @@ from typing import Any
 
 import fsspec
 import pytest
-from cachefs.node.engine import Engine, Progress
 from servers import ByteRange, RangeHTTPServer, S3Bucket, wait_for
+
+from cachefs.node.engine import Engine, Progress
 
 BLOCK = 16 * 1024
 # Sizes around block edges: empty, one byte, just under/at/over a block, ragged tails.

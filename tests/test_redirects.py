@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cachefs.node.config import load_config
-from cachefs.node.engine import Engine
 from servers import RangeHTTPServer
 
 from cachefs.errors import VersionChangedError
+from cachefs.node.config import load_config
+from cachefs.node.engine import Engine
 
 BLOCK = 64 * 1024
 

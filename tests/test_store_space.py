@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
+
 from cachefs.node import layout
 from cachefs.node.config import TierConfig
 from cachefs.node.layout import PAGE, ObjectHeader
 from cachefs.node.store import CachedObject, Store, Tier
-
 from cachefs.urls import object_id
 
 BLOCK = PAGE  # one page per block: footprints are whole pages, figures exact

@@ -20,11 +20,11 @@ from typing import Any
 import fsspec
 import pytest
 import yaml
-from cachefs.node.engine import Engine
 from helpers import Background
 from servers import ByteRange, Gate, RangeHTTPServer, S3Bucket, wait_for
 
 from cachefs.errors import VersionChangedError
+from cachefs.node.engine import Engine
 
 BLOCK = 16 * 1024
 SIZE = 6 * BLOCK + 321

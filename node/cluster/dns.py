@@ -15,6 +15,7 @@ import threading
 import dns.exception
 import dns.rdatatype
 import dns.resolver
+
 from cachefs.node.cluster.membership import Membership
 
 log = logging.getLogger("cachefs.cluster.dns")

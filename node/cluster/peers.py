@@ -18,14 +18,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import xxhash
+
+from cachefs.client import NodeClient
 from cachefs.node.cluster.hashing import block_key, rank
 from cachefs.node.cluster.membership import Membership
 from cachefs.node.layout import ObjectHeader
 from cachefs.node.origins import ObjectRef
 from cachefs.node.sinks import Sink
 from cachefs.node.stats import LatencyHistogram
-
-from cachefs.client import NodeClient
 from cachefs.proto import cachefs_pb2 as pb
 
 log = logging.getLogger("cachefs.peers")

@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 from cachefs.node.cluster.peers import Peers
 from cachefs.node.engine import Manifest
-
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.types import JobStatus
 

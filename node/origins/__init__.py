@@ -20,7 +20,6 @@ from cachefs.node.origins.ranged_http import RangedHTTPClient
 from cachefs.node.origins.ref import ObjectRef
 from cachefs.node.retry import call_with_retries
 from cachefs.node.sinks import Sink
-
 from cachefs.urls import OriginURL, parse_url
 
 __all__ = ["ObjectRef", "Origin"]

@@ -11,10 +11,10 @@ import errno
 from typing import Any
 
 import fsspec
-from cachefs.node.origins.ref import ObjectRef, version_from_info
-from cachefs.node.sinks import Sink
 
 from cachefs.errors import TransientOriginError, VersionChangedError
+from cachefs.node.origins.ref import ObjectRef, version_from_info
+from cachefs.node.sinks import Sink
 from cachefs.urls import OriginURL
 
 # errno values backends (s3fs's error table among them) use for answers worth retrying.

@@ -13,12 +13,11 @@ import errno
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from cachefs.errors import VersionChangedError
 from cachefs.node.origins.errors import error_for_status
 from cachefs.node.origins.ranged_http import Answer, RangedHTTPClient, basic_auth
 from cachefs.node.origins.ref import ObjectRef
 from cachefs.node.sinks import BufferSink, Sink
-
-from cachefs.errors import VersionChangedError
 from cachefs.urls import OriginURL, parse_url
 
 

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import unquote, urljoin, urlsplit
 
+from cachefs.errors import TransientOriginError
 from cachefs.node.origins.errors import error_for_status
 from cachefs.node.sinks import Sink
-
-from cachefs.errors import TransientOriginError
 
 _ERROR_BODY_LIMIT = 64 * 1024
 MAX_REDIRECTS = 5

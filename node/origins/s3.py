@@ -20,12 +20,11 @@ import threading
 import time
 from typing import Any
 
+from cachefs.errors import TransientOriginError
 from cachefs.node.origins.errors import error_for_status
 from cachefs.node.origins.ranged_http import RangedHTTPClient
 from cachefs.node.origins.ref import ObjectRef
 from cachefs.node.sinks import Sink
-
-from cachefs.errors import TransientOriginError
 from cachefs.urls import OriginURL
 
 PRESIGN_SECONDS = 3600

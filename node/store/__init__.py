@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 
+from cachefs.errors import QuotaExceededError
 from cachefs.node import layout
 from cachefs.node.config import TierConfig
 from cachefs.node.layout import ObjectHeader
@@ -39,8 +40,6 @@ from cachefs.node.store.index import (
 from cachefs.node.store.objects import CachedObject, Tier
 from cachefs.node.store.pins import Pins
 from cachefs.node.store.space import Space
-
-from cachefs.errors import QuotaExceededError
 from cachefs.types import TierStatus
 from cachefs.units import format_size
 

@@ -17,11 +17,11 @@ from contextlib import AbstractContextManager, ExitStack
 from typing import Protocol
 
 import xxhash
+
+from cachefs.errors import IntegrityError
 from cachefs.node import layout
 from cachefs.node.faults import crash_point, should_crash
 from cachefs.node.store.objects import CachedObject, Tier
-
-from cachefs.errors import IntegrityError
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import xxhash
+
 from cachefs.node import layout
 from cachefs.node.faults import crash_point
 from cachefs.node.store.block_writer import BlockWriter

@@ -22,13 +22,12 @@ import uuid
 from contextlib import suppress
 from pathlib import Path
 
+from cachefs.errors import CacheDirError
 from cachefs.node import layout
 from cachefs.node.config import TierConfig, default_quota
 from cachefs.node.faults import crash_point
 from cachefs.node.layout import ObjectHeader
 from cachefs.node.store.objects import CachedObject, Tier, block_charge
-
-from cachefs.errors import CacheDirError
 from cachefs.urls import object_id
 
 ROOT_MODE = 0o700

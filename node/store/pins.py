@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import xxhash
+
 from cachefs.node import layout
 
 

@@ -29,10 +29,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from cachefs.errors import QuotaExceededError
 from cachefs.node.store.objects import CachedObject, Tier
 from cachefs.node.store.pins import Pins
-
-from cachefs.errors import QuotaExceededError
 
 # How long a writer waits for busy objects to be released before serving uncached.
 ROOM_WAIT_SECONDS = 10.0
