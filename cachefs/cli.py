@@ -446,7 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown command {args.command}")
     except KeyboardInterrupt:
         err.write("cachefs: interrupted\n")
-        return EXIT_INTERRUPTED
+        out.flush()
+        err.flush()
+        # Exit now: an embedded engine's fill threads would hold the interpreter until
+        # every queued block was fetched (and a Ctrl-C that lands while the pool starts
+        # a thread leaves one that never ends). Dropping them is safe: a block counts
+        # only once its bytes and checksum record are written.
+        os._exit(EXIT_INTERRUPTED)
     except Exception as exc:  # every failure: one line, non-zero exit
         message = _one_line(exc)
         if args.json:

@@ -288,7 +288,8 @@ def test_usage_errors_exit_2(cli: Cli) -> None:
 
 
 def test_interrupt_exits_130(cli: Cli, files: RangeHTTPServer, cache_dir: Path) -> None:
-    """Ctrl-C during a prefetch: exit 130 and a one-line note."""
+    """Ctrl-C during a prefetch: exit 130 and a one-line note, without waiting for the
+    fills in flight (the held GET is only released after the exit)."""
     with files.hold_gets("/m/a.bin") as gate:
         child = subprocess.Popen(
             cli.argv("--cache-dir", str(cache_dir), "prefetch", files.url("/m/a.bin")),
@@ -300,9 +301,10 @@ def test_interrupt_exits_130(cli: Cli, files: RangeHTTPServer, cache_dir: Path) 
         try:
             gate.wait_held(count=1, timeout=30)
             child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=60)  # while the GET is still held
         finally:
             gate.release()
-        out, err = child.communicate(timeout=60)
+            child.kill()
     assert child.returncode == 130, (out, err)
     assert err.strip().splitlines()[-1] == "cachefs: interrupted"
 
