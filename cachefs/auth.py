@@ -1,8 +1,11 @@
-"""The shared token TCP clients and peers present to a node.
+"""The tokens a client presents to a node: the cluster token and a pod token.
 
-It comes from ``CACHEFS_TOKEN`` or from the file ``CACHEFS_TOKEN_FILE`` names (a
-mounted Kubernetes Secret), travels as ``authorization: Bearer <token>`` metadata,
-and is never logged, put in a metric or quoted in an error.
+The cluster token comes from ``CACHEFS_TOKEN`` or from the file
+``CACHEFS_TOKEN_FILE`` names (a mounted Kubernetes Secret) and travels as
+``authorization: Bearer <token>`` metadata: nodes and the operator's own components
+hold it. A pod token is a projected ServiceAccount token (audience ``cachefs``) in
+the file ``CACHEFS_POD_TOKEN_FILE`` names; kubelet rotates it, so it is read again
+for every channel. Neither is ever logged, put in a metric or quoted in an error.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from pathlib import Path
 
 TOKEN_ENV = "CACHEFS_TOKEN"
 TOKEN_FILE_ENV = "CACHEFS_TOKEN_FILE"
+POD_TOKEN_FILE_ENV = "CACHEFS_POD_TOKEN_FILE"
 METADATA_KEY = "authorization"
 SCHEME = "Bearer "
+POD_TOKEN_KEY = "cachefs-pod-token"
 
 
 def read_token(environ: Mapping[str, str] | None = None) -> str | None:
@@ -40,5 +45,29 @@ def read_token(environ: Mapping[str, str] | None = None) -> str | None:
     return token
 
 
-def metadata(token: str) -> tuple[tuple[str, str], ...]:
-    return ((METADATA_KEY, SCHEME + token),)
+def read_pod_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """The pod token in the file ``CACHEFS_POD_TOKEN_FILE`` names, or None if unset."""
+    environ = os.environ if environ is None else environ
+    path = environ.get(POD_TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise PermissionError(
+            f"cannot read the pod token that {POD_TOKEN_FILE_ENV} names ({path}): "
+            f"{exc.strerror}; project a ServiceAccount token with audience cachefs there"
+        ) from None
+    if not token or any(c.isspace() for c in token) or not token.isprintable():
+        raise ValueError(f"the pod token in {path} ({POD_TOKEN_FILE_ENV}) is empty or malformed")
+    return token
+
+
+def metadata(token: str | None, pod_token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries the tokens a client has."""
+    sent = []
+    if token:
+        sent.append((METADATA_KEY, SCHEME + token))
+    if pod_token:
+        sent.append((POD_TOKEN_KEY, pod_token))
+    return tuple(sent)

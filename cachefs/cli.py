@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PREFIX",
-        help="an origin prefix volumes may name (repeatable; adds to csi.allow)",
+        help="an origin prefix every pod's volume may name (repeatable; a policy rule)",
     )
     plugin.add_argument("--node-id", help="the Kubernetes node name (NODE_NAME)")
     plugin.add_argument("--state-dir", help="where published volumes are recorded")
@@ -250,11 +250,15 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
             "complete": entry.complete,
             "pinned_by": list(entry.pinned_by),
             "id": entry.id,
+            "verified": entry.verified,
         }
         if args.json:
             _emit(out, record)
         else:
             state = "complete" if entry.complete else f"partial {format_size(entry.cached_bytes)}"
+            # Checked against the origin's digest (or waiting to be); "blocks" goes unsaid.
+            if entry.verified != "blocks":
+                state += f"  verified: {entry.verified}"
             pins = f"  pinned by {', '.join(entry.pinned_by)}" if entry.pinned_by else ""
             out.write(f"{entry.url}  {format_size(entry.size)}  {entry.tier}  {state}{pins}\n")
     return 0
@@ -318,13 +322,16 @@ def _csi(args: argparse.Namespace) -> int:
     logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     from pathlib import Path
 
-    from cachefs.csi.allow import AllowRule
     from cachefs.csi.plugin import DEFAULT_CSI_ENDPOINT, DEFAULT_NODE_ENDPOINT, PluginSettings, run
     from cachefs.node.config import checked_publish_timeout, load_config
+    from cachefs.node.policy import Policy, Rule
 
-    config = load_config(args.config).csi
-    rules = [AllowRule.parse(rule.prefix, rule.namespaces) for rule in config.allow]
-    rules += [AllowRule.parse(prefix) for prefix in args.allow]
+    loaded = load_config(args.config)
+    config = loaded.csi
+    # --allow PREFIX: every pod may view what is under PREFIX (a rule of the policy).
+    policy = Policy(
+        loaded.policy.rules + tuple(Rule.parse(["pod"], ["view"], [p]) for p in args.allow)
+    )
     node_id = args.node_id or os.environ.get("NODE_NAME")
     if not node_id:
         raise ValueError(
@@ -334,7 +341,7 @@ def _csi(args: argparse.Namespace) -> int:
         csi_endpoint=args.csi_endpoint or os.environ.get("CSI_ENDPOINT") or DEFAULT_CSI_ENDPOINT,
         node_endpoint=args.endpoint or os.environ.get("CACHEFS_ENDPOINT") or DEFAULT_NODE_ENDPOINT,
         node_id=node_id,
-        rules=tuple(rules),
+        policy=policy,
         state_dir=Path(args.state_dir or config.state_dir),
         publish_timeout=config.publish_timeout
         if args.publish_timeout is None
@@ -434,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return _status(args, out)
         if args.command == "label":
-            from cachefs.node.labels import READY, canonical_source, label_key
+            from cachefs.node.labels import READY, label_key
+            from cachefs.urls import canonical_source
 
             record = {
                 "source": canonical_source(args.source),

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from cachefs import messages, ranges
-from cachefs.auth import metadata, read_token
+from cachefs.auth import POD_TOKEN_FILE_ENV, metadata, read_pod_token, read_token
 from cachefs.errors import IntegrityError
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
@@ -37,7 +37,10 @@ CHUNK_SIZE = 1024 * 1024
 _DAY = 24 * 3600.0
 _MAX_MESSAGE = 4 * 1024 * 1024 + 64 * 1024
 _ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
-_clients: dict[tuple[int, str, float, str | None, str | None], NodeClient] = {}
+_clients: dict[tuple[int, str, float, str | None, str | None, str | None], NodeClient] = {}
+# How long a pod token read from its file is used before the file is read again
+# (kubelet replaces a projected token well before it expires).
+_POD_TOKEN_REREAD = 30.0
 _clients_lock = threading.Lock()
 
 
@@ -113,13 +116,14 @@ def parse_endpoint(endpoint: str) -> tuple[str, bool]:
 def get_client(endpoint: str, timeout: float | None = None) -> NodeClient:
     """The process's client of ``endpoint`` (one per process id and token: fork-safe)."""
     _target, tcp = parse_endpoint(endpoint)
-    token = read_token() if tcp else None
+    token = read_token()
     ca = os.environ.get(TLS_CA_ENV) if tcp else None
-    key = (os.getpid(), endpoint, timeout or DEFAULT_TIMEOUT, token, ca)
+    pod_token_file = os.environ.get(POD_TOKEN_FILE_ENV)
+    key = (os.getpid(), endpoint, timeout or DEFAULT_TIMEOUT, token, ca, pod_token_file)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = NodeClient(endpoint, timeout, token, ca)
+            client = _clients[key] = NodeClient(endpoint, timeout, token, ca, pod_token_file)
         return client
 
 
@@ -132,19 +136,24 @@ class NodeClient:
         timeout: float | None = None,
         token: str | None = None,
         tls_ca: str | None = None,
+        pod_token_file: str | None = None,
     ) -> None:
-        """``token`` is presented over TCP and ``tls_ca`` (a PEM file) turns TLS on;
-        both default to the environment."""
+        """``token`` (the cluster token) and the pod token in ``pod_token_file`` are
+        presented on every call, and ``tls_ca`` (a PEM file) turns TLS on; each
+        defaults to its environment variable ("" for none)."""
         self.endpoint = endpoint
         self.target, self.tcp = parse_endpoint(endpoint)
         self.timeout = timeout or DEFAULT_TIMEOUT
-        self._token = token if token is not None else (read_token() if self.tcp else None)
+        self._token = token if token is not None else read_token()
+        self._pod_token_file = (
+            pod_token_file if pod_token_file is not None else os.environ.get(POD_TOKEN_FILE_ENV)
+        )
+        self._pod_token: tuple[float, str | None] = (-_POD_TOKEN_REREAD, None)
         self._tls_ca = tls_ca if tls_ca is not None else os.environ.get(TLS_CA_ENV)
         self._lock = threading.Lock()
         self._pid = -1
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.CacheStub | None = None
-        self._metadata: tuple[tuple[str, str], ...] = ()
         self._block_size = CHUNK_SIZE
 
     # -- the channel ---------------------------------------------------------------
@@ -174,7 +183,6 @@ class NodeClient:
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5000),
         ]
-        self._metadata = metadata(self._token) if self.tcp and self._token else ()
         if self.tcp:
             if self._tls_ca:
                 try:
@@ -202,12 +210,23 @@ class NodeClient:
                 self._channel.close()
             self._channel, self._stub, self._pid = None, None, -1
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The tokens this client presents (the pod token's file is read again now and
+        then: kubelet rotates it)."""
+        pod_token = None
+        if self._pod_token_file:
+            read_at, pod_token = self._pod_token
+            if time.monotonic() - read_at >= _POD_TOKEN_REREAD:
+                pod_token = read_pod_token({POD_TOKEN_FILE_ENV: self._pod_token_file})
+                self._pod_token = (time.monotonic(), pod_token)
+        return metadata(self._token, pod_token)
+
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         deadline = timeout or self.timeout
         stub = self.stub
         _in_flight.enter()
         try:
-            return getattr(stub, method)(request, timeout=deadline, metadata=self._metadata)
+            return getattr(stub, method)(request, timeout=deadline, metadata=self._metadata())
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.endpoint, deadline) from exc
         finally:
@@ -217,7 +236,7 @@ class NodeClient:
         stub = self.stub
         _in_flight.enter()
         try:
-            call = getattr(stub, method)(request, timeout=timeout, metadata=self._metadata)
+            call = getattr(stub, method)(request, timeout=timeout, metadata=self._metadata())
             try:
                 yield from call
             finally:

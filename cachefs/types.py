@@ -73,6 +73,11 @@ class CachedEntry:
     complete: bool
     pinned_by: tuple[str, ...]
     id: str
+    # What the object is checked against: the origin's digest algorithm ("crc64nvme",
+    # "sha256", ...) once the complete object matched it, "pending" before that,
+    # "blocks" when the origin publishes no digest (each block's xxh3 only),
+    # "unverifiable" when its digest cannot be checked (an S3 composite checksum).
+    verified: str = "blocks"
 
 
 @dataclass(frozen=True)

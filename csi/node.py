@@ -1,6 +1,9 @@
 """The CSI Node service: publish a source as a read-only view at kubelet's target path.
 
-NodePublishVolume checks the source against the allow-list, asks the local cachefs
+NodePublishVolume checks that the pod behind the volume (its namespace and service
+account, from ``podInfoOnMount``) may ``view`` the source under the node's policy
+(``cachefs.node.policy``: the same table the node applies to its own callers), asks
+the local cachefs
 node to prefetch and pin it (holder ``csi:<volume id>``), waits up to
 ``publish_timeout`` seconds (below kubelet's two-minute operation timeout), and
 answers ABORTED with the progress when the model is not local yet: kubelet calls
@@ -16,18 +19,19 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from cachefs.csi import mounts
-from cachefs.csi.allow import AllowRule, check_source
 from cachefs.csi.proto import csi_pb2 as csi
 from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from cachefs.csi.volumes import PublishedVolume, VolumeRecords
 from cachefs.errors import NodeUnavailableError, QuotaExceededError, VersionChangedError
+from cachefs.node.callers import Caller
+from cachefs.node.policy import Policy
 from cachefs.units import format_size
 
 log = logging.getLogger("cachefs.csi")
@@ -53,13 +57,13 @@ class NodeService(csi_grpc.NodeServicer):
         self,
         node_id: str,
         client: Callable[[], Any],
-        rules: Sequence[AllowRule],
+        policy: Policy,
         records: VolumeRecords,
         publish_timeout: float = 60.0,
     ) -> None:
         self.node_id = node_id
         self._client = client
-        self.rules = tuple(rules)
+        self.policy = policy
         self.records = records
         self.publish_timeout = publish_timeout
         self._jobs: dict[str, str] = {}  # volume id -> the prefetch job publishing it
@@ -121,18 +125,20 @@ class NodeService(csi_grpc.NodeServicer):
             )
         namespace = attributes.get(POD_INFO_PREFIX + "pod.namespace")
         pod = attributes.get(POD_INFO_PREFIX + "pod.name")
+        account = attributes.get(POD_INFO_PREFIX + "serviceAccount.name")
         raw_source = attributes.get("source", "")
+        if not raw_source:
+            raise CsiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "volumeAttributes.source is missing: name a URL or a prefix ending in /",
+            )
+        caller = Caller("pod", namespace=namespace or "", service_account=account or "")
         try:
-            canonical = check_source(raw_source, namespace, self.rules)
+            source = self.policy.require(caller, "view", raw_source)
         except ValueError as exc:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         except PermissionError as exc:
             raise CsiError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from exc
-        source = (
-            canonical + "/"
-            if raw_source.endswith("/") and not canonical.endswith("/")
-            else canonical
-        )
         tier = attributes.get("tier") or None
 
         existing = self.records.get(volume_id)

@@ -17,12 +17,12 @@ from pathlib import Path
 import grpc
 
 from cachefs.client import NodeClient
-from cachefs.csi.allow import AllowRule
 from cachefs.csi.identity import IdentityService
 from cachefs.csi.node import NodeService
 from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from cachefs.csi.volumes import VolumeRecords
 from cachefs.errors import NodeUnavailableError
+from cachefs.node.policy import Policy
 from cachefs.node.signals import wait_for_termination
 
 log = logging.getLogger("cachefs.csi")
@@ -36,7 +36,7 @@ class PluginSettings:
     csi_endpoint: str
     node_endpoint: str
     node_id: str
-    rules: tuple[AllowRule, ...]
+    policy: Policy  # the node's, with --allow rules added
     state_dir: Path
     publish_timeout: float
 
@@ -54,7 +54,7 @@ class Plugin:
         self.node = NodeService(
             settings.node_id,
             lambda: self._client,
-            settings.rules,
+            settings.policy,
             VolumeRecords(settings.state_dir),
             settings.publish_timeout,
         )

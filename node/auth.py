@@ -1,61 +1,71 @@
-"""The token check on the node's TCP listener: a gRPC server interceptor.
+"""Who made a call: the cluster token, a pod token, or the unix socket's peer.
 
-Calls without the shared token, or with another one, end with UNAUTHENTICATED
-before any handler runs. The health service is exempt so that kubelet's gRPC probe
-works. The unix socket has no interceptor: its file mode and group decide who
-connects.
+On either listener a call that presents the cluster token (``authorization: Bearer``)
+is the ``cluster`` caller, and one that presents a pod token (``cachefs-pod-token``)
+is the pod the Kubernetes API says it belongs to. Otherwise a call through the unix
+socket is the local process the kernel named when it connected, and a TCP call is
+refused (UNAUTHENTICATED). The health service is not ours and asks nothing.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
-from typing import Any
 
 import grpc
 
-from cachefs.auth import METADATA_KEY, SCHEME
+from cachefs.auth import METADATA_KEY, POD_TOKEN_KEY, SCHEME
+from cachefs.node.callers import Caller
+from cachefs.node.local_socket import LocalSocket
+from cachefs.node.pod_tokens import PodTokens
 
-EXEMPT_PREFIX = "/grpc.health.v1.Health/"
+
+class Unauthenticated(Exception):
+    """The call says nothing the node can check about who makes it."""
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    def __init__(self, token: str) -> None:
-        self._expected = token.encode()
+class Authenticator:
+    """Establishes the caller of each call on one listener."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None or details.method.startswith(EXEMPT_PREFIX):
-            return handler
-        presented = dict(details.invocation_metadata or ()).get(METADATA_KEY)
+    def __init__(self, cluster_token: str | None, pod_tokens: PodTokens | None) -> None:
+        self._cluster_token = cluster_token.encode() if cluster_token else None
+        self._pod_tokens = pod_tokens
+        # The unix socket whose relay is this listener's only client (its peers are
+        # looked up by loopback port); None for the TCP listener.
+        self.local_socket: LocalSocket | None = None
+
+    def caller(self, context: grpc.ServicerContext) -> Caller:
+        metadata = dict(context.invocation_metadata() or ())
+        local = None
+        if self.local_socket is not None:
+            local = self.local_socket.caller_at(_peer_port(context.peer()))
+            if local is None:  # only the socket's own relay may reach this listener
+                raise Unauthenticated("connect through the node's unix socket")
+        presented = metadata.get(METADATA_KEY)
         if isinstance(presented, str) and presented.startswith(SCHEME):
-            if hmac.compare_digest(presented[len(SCHEME) :].encode(), self._expected):
-                return handler
-            reason = "the token is wrong"
-        else:
-            reason = "no token was presented"
-        return _refusal(handler, f"{reason}: TCP clients must present the node's token")
+            token = presented[len(SCHEME) :].encode()
+            if self._cluster_token is None or not hmac.compare_digest(token, self._cluster_token):
+                raise Unauthenticated(
+                    "the token is wrong: set CACHEFS_TOKEN or CACHEFS_TOKEN_FILE to the "
+                    "node's token"
+                )
+            return Caller("cluster")
+        pod_token = metadata.get(POD_TOKEN_KEY)
+        if isinstance(pod_token, str) and pod_token:
+            if self._pod_tokens is None:
+                raise Unauthenticated("this node checks no pod tokens (it has no Kubernetes API)")
+            try:
+                return self._pod_tokens.caller(pod_token)
+            except PermissionError as exc:
+                raise Unauthenticated(str(exc)) from None
+        if local is not None:
+            return Caller("local", uid=local.uid, gid=local.gid, pid=local.pid)
+        raise Unauthenticated(
+            "no token was presented: TCP clients must present the node's token "
+            "(CACHEFS_TOKEN) or a pod token (CACHEFS_POD_TOKEN_FILE)"
+        )
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only refuses the call."""
-
-    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    shape = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[shape]
-    return make(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+def _peer_port(peer: str) -> int:
+    """The port of a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``)."""
+    _, _, port = peer.rpartition(":")
+    return int(port) if port.isdigit() else -1

@@ -7,6 +7,8 @@ Defaults serve a laptop: one disk tier under the user's cache directory.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ from typing import Any
 
 import platformdirs
 
+from cachefs.node.policy import Policy
 from cachefs.units import parse_size
 
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024
@@ -76,18 +79,10 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class AllowConfig:
-    """A prefix CSI volumes may name; ``namespaces`` empty means every namespace."""
-
-    prefix: str
-    namespaces: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class CsiConfig:
-    """What ``cachefs csi`` lets volumes name, and how long a publish waits."""
+    """How long a ``cachefs csi`` publish waits, and where it records volumes (which
+    sources a volume may name is the policy's business: ``view`` for pods)."""
 
-    allow: tuple[AllowConfig, ...] = ()
     publish_timeout: float = 60.0  # below kubelet's two-minute operation timeout
     state_dir: str = "/var/lib/cachefs/csi"
 
@@ -117,6 +112,15 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ScrubConfig:
+    """How ``cachefs node`` re-reads its stored blocks: a verified block is served
+    without a check, so a bit that flips on the disk later is only found this way."""
+
+    rate: int = 64 * 1024 * 1024  # bytes per second; 0: no scrubber
+    pause: float = 3600.0  # seconds from the end of one pass to the start of the next
+
+
+@dataclass(frozen=True)
 class Config:
     tiers: tuple[TierConfig, ...]
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -125,10 +129,14 @@ class Config:
     readahead_blocks: int = 4
     group: str | None = None
     origins: tuple[OriginConfig, ...] = ()
+    # Non-public networks HTTP redirects may lead to (loopback, private, link-local...).
+    allow_redirects_to: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     retry: RetryConfig = field(default_factory=RetryConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)  # cachefs node only
+    policy: Policy = field(default_factory=Policy)  # who may do what (node/policy.py)
 
     def options_for(self, canonical_url: str) -> dict[str, Any]:
         """Configured storage options of the longest matching origin prefix."""
@@ -209,10 +217,13 @@ _KNOWN_KEYS = {
     "readahead_blocks",
     "group",
     "origins",
+    "allow_redirects_to",
     "retry",
     "server",
     "csi",
     "cluster",
+    "policy",
+    "scrub",
 }
 
 
@@ -234,6 +245,7 @@ def _build(raw: dict[str, Any]) -> Config:
     server = _build_server(raw.get("server") or {})
     csi = _build_csi(raw.get("csi") or {})
     cluster = _build_cluster(raw.get("cluster") or {})
+    scrub = _build_scrub(raw.get("scrub"))
     block_size = parse_size(raw.get("block_size", DEFAULT_BLOCK_SIZE))
     if block_size < 4096 or block_size % 4096:
         raise ValueError(f"block_size must be a multiple of 4 KiB, at least 4 KiB: {block_size}")
@@ -253,11 +265,38 @@ def _build(raw: dict[str, Any]) -> Config:
         readahead_blocks=int(raw.get("readahead_blocks", 4)),
         group=str(raw["group"]) if raw.get("group") is not None else None,
         origins=origins,
+        allow_redirects_to=_build_networks(raw.get("allow_redirects_to")),
         retry=retry,
         server=server,
         csi=csi,
         cluster=cluster,
+        scrub=scrub,
+        policy=Policy.from_config(raw.get("policy")),
     )
+
+
+def _build_networks(raw: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``allow_redirects_to``: CIDRs as a list, or one comma-separated string (the
+    environment's form); each error names the key and the entry."""
+    if raw is None:
+        return ()
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple):
+        raise ValueError(
+            "config key 'allow_redirects_to' (CACHEFS_ALLOW_REDIRECTS_TO) must be a list of "
+            f"networks such as [10.0.0.0/8, 127.0.0.1/32], not {raw!r}"
+        )
+    networks = []
+    for index, item in enumerate(items):
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip()))
+        except ValueError:
+            raise ValueError(
+                f"allow_redirects_to[{index}] {item!r} is not a network: write an address "
+                "with its prefix length and no host bits set, such as 10.0.0.0/8, "
+                "127.0.0.1/32 or fd00::/8"
+            ) from None
+    return tuple(networks)
 
 
 def _build_cluster(raw: Any) -> ClusterConfig:
@@ -296,22 +335,50 @@ def _build_cluster(raw: Any) -> ClusterConfig:
     return cluster
 
 
+def _build_scrub(raw: Any) -> ScrubConfig:
+    """The scrubber's settings; each error names the key and its environment form."""
+    if raw is None:
+        return ScrubConfig()
+    if not isinstance(raw, dict):
+        raise ValueError(
+            "config key 'scrub' (CACHEFS_SCRUB__<KEY>) must be a mapping such as "
+            f"{{rate: 64MiB, pause: 3600}}, not {raw!r}"
+        )
+    for key in raw:
+        _check_key("scrub", key, ScrubConfig)
+    rate = raw.get("rate", ScrubConfig.rate)
+    try:
+        rate = parse_size(rate)
+    except ValueError as exc:
+        raise ValueError(
+            "scrub.rate (CACHEFS_SCRUB__RATE) is bytes per second, 0 to turn the "
+            f"scrubber off: {exc}"
+        ) from None
+    pause = raw.get("pause", ScrubConfig.pause)
+    try:
+        seconds = math.nan if isinstance(pause, bool) else float(pause)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(
+            "scrub.pause (CACHEFS_SCRUB__PAUSE) must be the seconds between two passes, "
+            f"0 or more (e.g. 3600): {pause!r}"
+        )
+    return ScrubConfig(rate=rate, pause=seconds)
+
+
 def _build_csi(raw: Any) -> CsiConfig:
     if not isinstance(raw, dict):
         raise ValueError("config key 'csi' must be a mapping")
+    if "allow" in raw:
+        raise ValueError(
+            "csi.allow is now part of the policy: write its prefixes as a rule, "
+            "policy: [{callers: [pod], allow: [view], sources: [PREFIX, ...]}] (callers "
+            "namespace:NAME for one namespace)"
+        )
     for key in raw:
         _check_key("csi", key, CsiConfig)
-    rules = []
-    for index, item in enumerate(raw.get("allow") or ()):
-        if isinstance(item, str):
-            rules.append(AllowConfig(item))
-            continue
-        _check_entry("csi.allow", index, item, {"prefix", "namespaces"}, "prefix")
-        rules.append(
-            AllowConfig(str(item["prefix"]), tuple(map(str, item.get("namespaces") or ())))
-        )
     return CsiConfig(
-        allow=tuple(rules),
         publish_timeout=checked_publish_timeout(
             raw.get("publish_timeout", CsiConfig.publish_timeout), "csi.publish_timeout"
         ),

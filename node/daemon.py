@@ -1,9 +1,11 @@
 """``cachefs node``: the engine as a long-lived daemon, serving the gRPC API.
 
-Two listeners share one servicer: a unix socket for local clients (its file mode and
-group decide who connects) and, when an address is given, TCP for remote clients
-and peers, which must present the shared token (and speak TLS when a certificate is
-configured). The standard health service answers on both, without a token. SIGTERM
+Two listeners serve one service: a unix socket for local clients (its file mode and
+group decide who connects; ``local_socket.py`` tells the servicer each connection's
+uid and gid) and, when an address is given, TCP for remote clients and peers, which
+must present the cluster token or a pod token (and speak TLS when a certificate is
+configured). Who may then do what is the policy's business (``policy.py``). The
+standard health service answers on both, without a token. SIGTERM
 or SIGINT drain: health turns NOT_SERVING, new calls are refused, calls in flight
 get ``shutdown_grace`` seconds to finish.
 """
@@ -24,13 +26,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cachefs.auth import read_token
 from cachefs.client import TLS_CA_ENV
-from cachefs.node.auth import TokenInterceptor
+from cachefs.node.auth import Authenticator
 from cachefs.node.cluster.from_config import membership_from_config
 from cachefs.node.cluster.peers import Peers
 from cachefs.node.config import Config
 from cachefs.node.engine import Engine
 from cachefs.node.labels import SourceLabels
-from cachefs.node.metrics import NodeCollector, serve_metrics
+from cachefs.node.local_socket import LocalSocket
+from cachefs.node.metrics import CallStats, NodeCollector, serve_metrics
+from cachefs.node.pod_tokens import PodTokens
+from cachefs.node.scrubber import Scrubber
 from cachefs.node.server import MAX_CHUNK, CacheServicer, node_id_default
 from cachefs.node.service import CacheService
 from cachefs.node.signals import wait_for_termination
@@ -90,58 +95,66 @@ class Node:
                 tls_ca=os.environ.get(TLS_CA_ENV),
             )
         self.engine = Engine(config, peers=self.peers)
+        self.scrubber = Scrubber(self.engine.store, config.scrub) if config.scrub.rate else None
         self.labels = _source_labels(config, self.engine) if config.cluster.label_node else None
         self.service = CacheService(
             self.engine, config.server.node_id or node_id_default(), self.peers
         )
-        self.servicer = CacheServicer(self.service)
+        self.calls = CallStats()
+        self._pod_tokens = PodTokens(config.cluster.kubernetes_api_url, config.cluster.kubeconfig)
+        self._local_socket: LocalSocket | None = None
         self.health = health.HealthServicer()
         self.servers: list[grpc.Server] = []
         self.bound: dict[str, str] = {}
         self._metrics_server: Any = None
-        self._socket: Path | None = None
         self._stopped = threading.Event()
         try:
             self._listen(listeners)
         except BaseException:
             self.stop(0)
             raise
+        if self.scrubber is not None:  # once the listeners are up
+            self.scrubber.start()
 
-    def _server(self, interceptors: list[grpc.ServerInterceptor]) -> grpc.Server:
+    def _server(self, authenticator: Authenticator) -> grpc.Server:
         server = grpc.server(
             ThreadPoolExecutor(self.config.server.workers, thread_name_prefix="cachefs-rpc"),
-            interceptors=interceptors,
             options=server_options(self.config),
             maximum_concurrent_rpcs=self.config.server.workers * 4,
         )
-        pb_grpc.add_CacheServicer_to_server(self.servicer, server)
+        servicer = CacheServicer(self.service, authenticator, self.calls)
+        pb_grpc.add_CacheServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.servers.append(server)
         return server
 
     def _listen(self, listeners: Listeners) -> None:
         server_config = self.config.server
+        token = read_token()
         if listeners.socket:
+            # The socket is ours (it knows each peer's uid); gRPC listens on loopback
+            # behind it and answers only connections the socket relays.
             path = Path(listeners.socket)
             _prepare_socket_path(path)
-            server = self._server([])
-            previous = os.umask(0o177)  # no moment in which others may connect
-            try:
-                server.add_insecure_port(f"unix://{path}")
-                server.start()
-            finally:
-                os.umask(previous)
-            self._socket = path
+            authenticator = Authenticator(token, self._pod_tokens)
+            server = self._server(authenticator)
+            port = server.add_insecure_port("127.0.0.1:0")
+            if port == 0:
+                raise OSError("cannot listen on a loopback port behind the unix socket")
+            authenticator.local_socket = LocalSocket(path, ("127.0.0.1", port))
+            self._local_socket = authenticator.local_socket
+            server.start()
+            self._local_socket.start()
             _secure_socket(path, server_config.socket_mode, server_config.socket_group)
             self.bound["socket"] = f"unix://{path}"
+            self.bound["socket_relay"] = f"127.0.0.1:{port}"  # answers the socket's relay only
         if listeners.address:
-            token = read_token()
             if token is None:
                 raise PermissionError(
                     f"TCP clients ({listeners.address}) must present a shared token: set "
                     "CACHEFS_TOKEN or CACHEFS_TOKEN_FILE for the node and its clients"
                 )
-            server = self._server([TokenInterceptor(token)])
+            server = self._server(Authenticator(token, self._pod_tokens))
             if server_config.tls_cert and server_config.tls_key:
                 credentials = grpc.ssl_server_credentials(
                     [(_read_pem(server_config.tls_key), _read_pem(server_config.tls_cert))]
@@ -156,7 +169,7 @@ class Node:
             self.bound["address"] = f"{host}:{port}"
         if listeners.metrics_address:
             collector = NodeCollector(
-                self.engine, self.service.jobs, self.servicer.calls, self.peers
+                self.engine, self.service.jobs, self.calls, self.peers, self.scrubber
             )
             self._metrics_server, port = serve_metrics(listeners.metrics_address, collector)
             host = listeners.metrics_address.rpartition(":")[0]
@@ -182,18 +195,22 @@ class Node:
         grace = self.config.server.shutdown_grace if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.service.jobs.shutdown()
+        if self.scrubber is not None:
+            self.scrubber.stop()
         if self.membership is not None:
             self.membership.stop()
         if self.labels is not None:
             self.labels.stop()
         log.info("draining: new calls are refused, %d s for calls in flight", grace)
+        if self._local_socket is not None:
+            self._local_socket.close()  # no new connections; relays in flight go on
         events = [server.stop(grace) for server in self.servers]
         for event in events:
             event.wait()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        if self._socket is not None:
-            self._socket.unlink(missing_ok=True)
+        if self._local_socket is not None:
+            self._local_socket.path.unlink(missing_ok=True)
         self.engine.close()
         if self.peers is not None:
             self.peers.close()

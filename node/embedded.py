@@ -4,7 +4,8 @@ One service (and engine) per cache configuration per process: every filesystem
 instance and CLI call in the process shares it, so single flight and quotas hold
 across them. A forked child (DataLoader workers) builds its own on first use.
 ``EmbeddedClient`` is a ``CacheClient`` over that service, as ``NodeClient`` is over
-a node's: the operations themselves are the service's.
+a node's: the operations themselves are the service's. Its caller is this process,
+which owns the cache: the policy does not apply.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from cachefs.node.callers import IN_PROCESS
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
 from cachefs.node.service import CacheService
@@ -63,10 +65,10 @@ class EmbeddedClient:
         return self.engine.config.block_size
 
     def stat(self, url: str) -> ObjectInfo:
-        return self.service.stat(url)
+        return self.service.stat(IN_PROCESS, url)
 
     def ls(self, url: str) -> list[dict[str, Any]]:
-        return self.service.ls(url)
+        return self.service.ls(IN_PROCESS, url)
 
     def read(self, info: ObjectInfo, start: int, end: int) -> bytes:
         return self.engine.read_ref(info.handle, start, end)
@@ -95,19 +97,19 @@ class EmbeddedClient:
                 f"--{'detach' if detach else 'cluster'} needs a node (the job runs there): "
                 "name one with --endpoint or CACHEFS_ENDPOINT"
             )
-        return self.service.prefetch(sources, pin, tier, progress)
+        return self.service.prefetch(IN_PROCESS, sources, pin, tier, progress)
 
     def cached(self, source: str | None = None) -> list[CachedEntry]:
-        return self.service.cached(source)
+        return self.service.cached(IN_PROCESS, source)
 
     def evict(self, sources: Sequence[str]) -> EvictResult:
-        return self.service.evict(sources)
+        return self.service.evict(IN_PROCESS, sources)
 
     def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
-        return self.service.unpin(holder, sources)
+        return self.service.unpin(IN_PROCESS, holder, sources)
 
     def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> ViewInfo:
-        return self.service.view(holder, sources, tier)
+        return self.service.view(IN_PROCESS, holder, sources, tier)
 
     def status(self) -> NodeStatus:
-        return self.service.status()
+        return self.service.status(IN_PROCESS)

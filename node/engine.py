@@ -6,6 +6,11 @@ A missing block is filled once however many readers want it (single flight): the
 first asks the origin, writes the block to the store, records its checksum, and
 only then do the readers read it. Sequential readers get read-ahead. ``prefetch``
 runs the same fills for every block of a source's manifest, many at a time.
+
+Where the origin publishes a digest of the whole object, a complete object is
+checked against it before it is handed out (a prefetch's end, ``open_local``, and
+the store's ``local_path``); a copy that fails is fetched again from the origin,
+never from peers, once: failing again is an IntegrityError.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import xxhash
 
 from cachefs import ranges
 from cachefs.errors import IntegrityError, QuotaExceededError, VersionChangedError
+from cachefs.node import faults
 from cachefs.node.config import Config
 from cachefs.node.flights import Flights
 from cachefs.node.store.block_writer import BlockWriter
@@ -34,7 +40,7 @@ from cachefs.types import JobStatus
 
 if TYPE_CHECKING:
     from cachefs.node.cluster.peers import Peers
-from cachefs.node.layout import ObjectHeader
+from cachefs.node.layout import Digest, ObjectHeader
 from cachefs.node.origins import ObjectRef, Origin
 from cachefs.node.sinks import BufferSink
 from cachefs.node.stats import EngineStats
@@ -169,10 +175,14 @@ class Engine:
         now = time.monotonic()
         cached = self._stat_cache.get(parsed.canonical)
         if cached is not None and now - cached[0] < self.config.revalidate_after:
-            # Same object, but fetch with this caller's URL (its own signature/userinfo).
-            return dataclasses.replace(cached[1], url=parsed)
-        ref = self.origin.stat(parsed)
-        self._remember(ref, now)
+            # Same object, but fetch with this caller's URL (its own presigned query).
+            ref = dataclasses.replace(cached[1], url=parsed)
+        else:
+            ref = self.origin.stat(parsed)
+            self._remember(ref, now)
+        obj = self.store.get(ref.id)
+        if obj is not None and ref.digest is not None and obj.header.digest is None:
+            self.store.learn_digest(obj, ref.digest)  # made from a peer's request: no digest
         return ref
 
     def pinned(self, url: str, version: str) -> ObjectRef:
@@ -213,7 +223,27 @@ class Engine:
     def header(self, ref: ObjectRef) -> ObjectHeader:
         obj = self.store.get(ref.id)
         block_size = obj.header.block_size if obj else self.config.block_size
-        return ObjectHeader(ref.id, ref.canonical, ref.version, ref.size, block_size)
+        digest = ref.digest or (obj.header.digest if obj else None)
+        return ObjectHeader(ref.id, ref.canonical, ref.version, ref.size, block_size, digest)
+
+    def _origin_digest(self, ref: ObjectRef) -> Digest | None:
+        """The origin's digest of ``ref``'s version. A ref from another node carries
+        none: it is looked up in the refs this node stat'ed, else by one stat."""
+        if ref.digest is not None:
+            return ref.digest
+        with self._refs_lock:
+            known = self._known_refs.get(ref.id)
+        if known is None:
+            try:
+                current = self.origin.stat(ref.url)
+            except OSError as exc:  # checked when the object is next stat'ed here
+                log.warning("%s: cannot learn its digest now: %s", ref.canonical, exc)
+                return None
+            if current.version != ref.version:
+                return None
+            self._remember(current, time.monotonic())
+            known = current
+        return known.digest
 
     def resolve(self, sources: Sequence[str]) -> Manifest:
         refs: dict[str, ObjectRef] = {}
@@ -330,7 +360,9 @@ class Engine:
             writer = self.store.block_writer(obj, index) if obj is not None else None
             sink: BlockWriter | BufferSink = writer or BufferSink(end - start)
             try:
-                peer = self.peers.fill(ref, header, index, sink, forwarded) if self.peers else None
+                # A copy that failed the origin's digest comes from the origin only.
+                asks_peers = self.peers is not None and not self.store.origin_only(ref.id)
+                peer = self.peers.fill(ref, header, index, sink, forwarded) if asks_peers else None
                 if peer is None:
                     self.origin.read(ref, start, end, sink)
             except BaseException as exc:
@@ -401,7 +433,7 @@ class Engine:
                     checksum = obj.present.get(index)
                     if checksum is not None and self.store.read(obj, index, 0, memoryview(buffer)):
                         self.stats.to_peer(end - start)
-                        return buffer, checksum
+                        return faults.lying_peer_block(buffer, checksum)
             if not fill:
                 return None
             obj = self.store.place(header)
@@ -409,7 +441,7 @@ class Engine:
             filled = self._flights.run((ref.id, index), work).result()
             if filled.data is not None:  # no room here: hand on what was fetched
                 self.stats.to_peer(end - start)
-                return filled.data, xxhash.xxh3_64_intdigest(filled.data)
+                return faults.lying_peer_block(filled.data, xxhash.xxh3_64_intdigest(filled.data))
         raise IntegrityError(
             f"{ref.canonical}: block {index} could not be read back intact for a peer"
         )
@@ -498,6 +530,8 @@ class Engine:
                 "room (quota or disk full) beside pinned and in-use objects; raise the quota, "
                 "free disk space or unpin something"
             )
+        for ref, _ in objects:
+            state.fetched_bytes += self._check_digest(ref, tier)
         evicted = sum(
             1 for ref, _ in objects if not (o := self.store.get(ref.id)) or not o.complete
         )
@@ -555,10 +589,50 @@ class Engine:
                 wait(pending)
                 raise failed.exception()  # type: ignore[misc]
 
+    def _check_digest(self, ref: ObjectRef, tier: str | None) -> int:
+        """Check a complete object against its origin's digest. A copy that fails is
+        fetched again (from the origin only) and checked again: failing a second time
+        raises IntegrityError. The bytes fetched again from the origin."""
+        fetched = 0
+        for _attempt in range(_MAX_ATTEMPTS):
+            obj = self.store.get(ref.id)
+            if obj is None or not obj.complete:
+                return fetched  # evicted meanwhile: checked once it is complete again
+            if obj.header.digest is None:
+                digest = self._origin_digest(ref)
+                if digest is None:
+                    return fetched  # the origin publishes none: its blocks are checked
+                self.store.learn_digest(obj, digest)
+            if self.store.verify_digest(obj):
+                return fetched
+            fetched += self._refill(ref, tier)
+        raise IntegrityError(
+            f"{ref.canonical}: could not produce an intact copy after {_MAX_ATTEMPTS} "
+            "attempts; check the cache disk"
+        )
+
+    def _refill(self, ref: ObjectRef, tier: str | None) -> int:
+        """Fill the blocks a check dropped; the bytes that came from the origin."""
+        obj = self.store.place(self.header(ref), tier)
+        if obj is None:
+            return 0  # no room for it any more: the next look finds it incomplete
+        missing = [i for i in range(obj.header.block_count) if i not in obj.present]
+        with self.store.in_use(obj):
+            futures = [
+                self._flights.submit((ref.id, i), partial(self._fill, ref, obj, i)) for i in missing
+            ]
+            self._wait_all(futures)
+        return sum(
+            obj.header.block_span(i)[1] - obj.header.block_span(i)[0]
+            for i, future in zip(missing, futures, strict=True)
+            if future.result().source == "origin"
+        )
+
     # -- whole objects -----------------------------------------------------------
 
     def open_local(self, url: str) -> Path:
-        """The path of the complete, verified cached file of ``url``'s current version."""
+        """The path of the complete, verified cached file of ``url``'s current version:
+        every block against its checksum, the whole against the origin's digest."""
         ref = self.stat(url)
         for _attempt in range(_MAX_ATTEMPTS):
             obj = self.store.get(ref.id)
@@ -566,7 +640,7 @@ class Engine:
                 self.prefetch_manifest(Manifest((url,), (ref,)))
                 obj = self.store.get(ref.id)
             if obj is not None:
-                path = self.store.local_path(obj)
+                path = self.store.local_path(obj)  # IntegrityError: failed again from the origin
                 if path is not None:
                     return path
         raise IntegrityError(

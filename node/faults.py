@@ -8,7 +8,9 @@ lookup. Points: ``after-data-write``, ``before-checksum-record``,
 
 ``CACHEFS_TEST_CORRUPT_PEER_BLOCKS=1`` makes a node flip a byte of every block it
 serves to a peer (after its checksum was taken), so tests can prove that a peer's
-wrong bytes are detected and never stored.
+wrong bytes are detected and never stored. ``=recompute`` makes it flip the byte and
+send the checksum of the wrong bytes, as a compromised peer would: the block passes
+its checksum, and only the origin's digest of the whole object catches it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+
+import xxhash
 
 _lock = threading.Lock()
 _hits: dict[str, int] = {}
@@ -47,3 +51,13 @@ def crash_point(name: str) -> None:
 
 def corrupt_peer_blocks() -> bool:
     return os.environ.get("CACHEFS_TEST_CORRUPT_PEER_BLOCKS") == "1"
+
+
+def lying_peer_block(data: bytearray, checksum: int) -> tuple[bytearray, int]:
+    """A block and its checksum as a node sends them to a peer: unchanged, unless the
+    test made it a liar that flips a byte and sends the wrong bytes' checksum."""
+    if os.environ.get("CACHEFS_TEST_CORRUPT_PEER_BLOCKS") != "recompute" or not data:
+        return data, checksum
+    lie = bytearray(data)  # a copy: the block may be shared with local readers
+    lie[0] ^= 0xFF
+    return lie, xxhash.xxh3_64_intdigest(lie)

@@ -22,19 +22,13 @@ from typing import Any, Protocol
 import xxhash
 
 from cachefs.node.layout import write_file_atomic
-from cachefs.urls import parse_url
+from cachefs.urls import canonical_source
 
 log = logging.getLogger("cachefs.labels")
 
 PREFIX = "cachefs.io/"
 READY = "ready"
 _RETRY_FIRST, _RETRY_MAX = 1.0, 30.0  # seconds between tries while the API is away
-
-
-def canonical_source(source: str) -> str:
-    """One spelling per source: canonical URL, a prefix keeps its trailing slash."""
-    canonical = parse_url(source).canonical
-    return canonical + "/" if source.endswith("/") and not canonical.endswith("/") else canonical
 
 
 def label_key(source: str) -> str:

@@ -2,7 +2,8 @@
 
 ```
 <root>/v1/objects/<id[:2]>/<id>/data   sparse file, the object's full size
-<root>/v1/objects/<id[:2]>/<id>/meta   header line (JSON), then one line per present block
+<root>/v1/objects/<id[:2]>/<id>/meta   header line (JSON), then one line per present block,
+                                       and a line when the whole object matched its digest
 <root>/v1/views/<name>/...             hard links to complete data files (views)
 <root>/v1/pins/<hash>.json             the objects one holder pins
 <root>/v1/trash/...                    retired object directories, removed on start
@@ -11,6 +12,12 @@
 The meta file is append-only while an object fills: a block line is written only
 after the block's bytes are, so a crash leaves at worst a torn last line, which the
 parser ignores. Names on disk are hashes, so no origin key can name a path.
+
+The header may carry the origin's digest of the whole object (``digest``: algorithm
+and hex value; meta files written before it existed have none and load as such).
+Once the complete object matched it, a ``v <algorithm> <binding>`` line is
+appended; the binding is an xxh3 over the block records it vouches for, so a restart
+trusts it only while the blocks on record are exactly those that were verified.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import xxhash
+
 FORMAT = 1
 PAGE = 4096
 DIR_MODE = 0o755
@@ -28,14 +37,28 @@ FILE_MODE = 0o644
 
 
 @dataclass(frozen=True)
+class Digest:
+    """An origin's own checksum of a whole object: what a complete copy must match.
+
+    ``algorithm`` in lower case (``crc64nvme``, ``sha256``; ``crc32-composite`` for
+    a checksum of parts, which cannot be checked against the bytes alone); ``value``
+    in lower-case hex of the checksum's bytes (big-endian for CRCs).
+    """
+
+    algorithm: str
+    value: str
+
+
+@dataclass(frozen=True)
 class ObjectHeader:
-    """What identifies an object and how it is cut into blocks."""
+    """What identifies an object, how it is cut into blocks, and its origin's digest."""
 
     id: str
     url: str
     version: str
     size: int
     block_size: int
+    digest: Digest | None = None
 
     @property
     def block_count(self) -> int:
@@ -77,11 +100,29 @@ def views_dir(root: Path) -> Path:
 
 
 def encode_header(header: ObjectHeader) -> bytes:
-    return (json.dumps({"format": FORMAT, **asdict(header)}, sort_keys=True) + "\n").encode()
+    fields = asdict(header)
+    if header.digest is None:  # as before digests: older readers still load the file
+        del fields["digest"]
+    return (json.dumps({"format": FORMAT, **fields}, sort_keys=True) + "\n").encode()
 
 
 def encode_block(index: int, checksum: int) -> bytes:
     return f"b {index} {checksum:016x}\n".encode()
+
+
+def encode_verified(algorithm: str, blocks: dict[int, int]) -> bytes:
+    """The record that the object made of ``blocks`` matched its ``algorithm`` digest;
+    it binds itself to their records by an xxh3 over them."""
+    records = b"".join(encode_block(i, c) for i, c in sorted(blocks.items()))
+    return f"v {algorithm} {xxhash.xxh3_64_intdigest(records):016x}\n".encode()
+
+
+def verified_record(raw: bytes, header: ObjectHeader, blocks: dict[int, int]) -> bool:
+    """Whether a meta file records that exactly ``blocks`` matched the header's digest."""
+    if header.digest is None or len(blocks) != header.block_count:
+        return False
+    expected = encode_verified(header.digest.algorithm, blocks).rstrip(b"\n")
+    return expected in raw.split(b"\n")[1:-1]  # whole lines only: the last may be torn
 
 
 def parse_meta(raw: bytes) -> tuple[ObjectHeader, dict[int, int]]:
@@ -96,7 +137,8 @@ def parse_meta(raw: bytes) -> tuple[ObjectHeader, dict[int, int]]:
     fields = json.loads(first)
     if fields.pop("format", None) != FORMAT:
         raise ValueError("unknown meta format")
-    header = ObjectHeader(**fields)
+    digest = fields.pop("digest", None)
+    header = ObjectHeader(**fields, digest=None if digest is None else Digest(**digest))
     blocks: dict[int, int] = {}
     lines = rest.split(b"\n")
     for line in lines[:-1]:  # the last piece has no newline: torn or empty

@@ -45,8 +45,11 @@ class CallStats:
 class NodeCollector:
     """A prometheus_client collector over one node's engine, jobs and server."""
 
-    def __init__(self, engine: Any, jobs: Any, calls: CallStats, peers: Any = None) -> None:
+    def __init__(
+        self, engine: Any, jobs: Any, calls: CallStats, peers: Any = None, scrubber: Any = None
+    ) -> None:
         self._engine, self._jobs, self._calls, self._peers = engine, jobs, calls, peers
+        self._scrubber = scrubber
 
     def describe(self) -> list[Any]:
         return []  # unchecked collector: families are built per scrape
@@ -138,6 +141,8 @@ class NodeCollector:
 
         if self._peers is not None:
             yield from self._peer_families(CounterMetricFamily, HistogramMetricFamily)
+        if self._scrubber is not None:
+            yield from self._scrub_families(CounterMetricFamily, GaugeMetricFamily)
 
         jobs = GaugeMetricFamily("cachefs_jobs", "Prefetch jobs known, by state", labels=["state"])
         states = Counter(job.state for job in self._jobs.jobs())
@@ -167,6 +172,28 @@ class NodeCollector:
         for peer, (counts, total) in sorted(latency.items()):
             seconds.add_metric([peer], _cumulative(counts), total)
         yield seconds
+
+    def _scrub_families(self, counter: Any, gauge: Any) -> Iterator[Any]:
+        status = self._scrubber.status()
+        yield counter(
+            "cachefs_scrub_bytes", "Block bytes the scrubber read again", value=status.bytes
+        )
+        bad = counter(
+            "cachefs_scrub_bad_blocks",
+            "Blocks the scrubber found corrupt or unreadable (discarded), by tier",
+            labels=["tier"],
+        )
+        for tier, count in status.bad_blocks.items():
+            bad.add_metric([tier], count)
+        yield bad
+        yield counter(
+            "cachefs_scrub_passes", "Scrub passes completed over every tier", value=status.passes
+        )
+        yield gauge(
+            "cachefs_scrub_last_pass_age_seconds",
+            "Seconds since the last scrub pass ended (before the first: since the node started)",
+            value=status.since_pass,
+        )
 
 
 def _cumulative(counts: list[int]) -> list[tuple[str, int]]:

@@ -26,6 +26,8 @@ import grpc
 
 from cachefs import messages, ranges
 from cachefs.node import logs
+from cachefs.node.auth import Authenticator, Unauthenticated
+from cachefs.node.callers import Caller
 from cachefs.node.engine import Manifest
 from cachefs.node.faults import corrupt_peer_blocks
 from cachefs.node.metrics import CallStats
@@ -76,11 +78,14 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class _Call:
-    """One call's bookkeeping: request id, outcome, one log line."""
+    """One call's bookkeeping: request id, caller, outcome, one log line."""
 
-    def __init__(self, method: str, calls: CallStats, context: grpc.ServicerContext) -> None:
+    def __init__(
+        self, method: str, calls: CallStats, context: grpc.ServicerContext, caller: Caller
+    ) -> None:
         self.method = method
         self.calls = calls
+        self.caller = caller
         metadata = dict(context.invocation_metadata() or ())
         supplied = metadata.get(logs.REQUEST_ID_KEY)
         self.request_id = str(supplied)[:64] if supplied else uuid.uuid4().hex[:16]
@@ -124,13 +129,25 @@ class _Call:
 
 
 class CacheServicer(pb_grpc.CacheServicer):
-    def __init__(self, service: CacheService) -> None:
+    """The service on one listener, whose ``Authenticator`` says who each caller is."""
+
+    def __init__(
+        self, service: CacheService, authenticator: Authenticator, calls: CallStats
+    ) -> None:
         self.service = service
-        self.engine = service.engine  # FetchBlock: a peer's block, straight from the engine
-        self.calls = CallStats()
+        self.engine = service.engine
+        self.authenticator = authenticator
+        self.calls = calls  # shared by the listeners
 
     def _begin(self, method: str, context: grpc.ServicerContext) -> _Call:
-        return _Call(method, self.calls, context)
+        try:
+            caller = self.authenticator.caller(context)
+        except Unauthenticated as exc:
+            self.calls.record(method, "UNAUTHENTICATED", None)
+            log.info("%s refused: %s", method, exc, extra={"method": method})
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise AssertionError("unreachable: context.abort raises") from None
+        return _Call(method, self.calls, context, caller)
 
     # -- objects -----------------------------------------------------------------
 
@@ -139,7 +156,7 @@ class CacheServicer(pb_grpc.CacheServicer):
         self, request: pb.StatRequest, context: grpc.ServicerContext, call: _Call
     ) -> pb.ObjectInfo:
         try:
-            info = self.service.stat(request.url, data_file=True)
+            info = self.service.stat(call.caller, request.url, data_file=True)
         except IsADirectoryError:
             return pb.ObjectInfo(url=parse_url(request.url).canonical, is_directory=True)
         return messages.object_message(info, self.engine.header(info.handle).block_size)
@@ -149,9 +166,11 @@ class CacheServicer(pb_grpc.CacheServicer):
         self, request: pb.ListRequest, context: grpc.ServicerContext, call: _Call
     ) -> pb.ListResponse:
         if request.cached:
-            entries = self.service.cached(request.url or None)
+            entries = self.service.cached(call.caller, request.url or None)
             return pb.ListResponse(entries=[messages.cached_entry_message(e) for e in entries])
-        return pb.ListResponse(entries=[pb.Entry(**e) for e in self.service.ls(request.url)])
+        return pb.ListResponse(
+            entries=[pb.Entry(**e) for e in self.service.ls(call.caller, request.url)]
+        )
 
     @_rpc
     def Read(
@@ -160,7 +179,7 @@ class CacheServicer(pb_grpc.CacheServicer):
         chunk = request.chunk_size or DEFAULT_CHUNK
         if not MIN_CHUNK <= chunk <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be between 64 KiB and 4 MiB, not {chunk}")
-        ref = self.service.pinned(request.url, request.version, request.size)
+        ref = self.service.pinned(call.caller, request.url, request.version, request.size)
         start, end = ranges.clipped(
             ref.canonical,
             ref.size,
@@ -188,6 +207,7 @@ class CacheServicer(pb_grpc.CacheServicer):
             )
             manifest = Manifest(tuple(request.sources), refs)
         status = self.service.start_job(
+            call.caller,
             request.sources,
             request.pin_holder or None,
             request.tier or None,
@@ -206,37 +226,37 @@ class CacheServicer(pb_grpc.CacheServicer):
     def WatchJob(
         self, request: pb.JobRef, context: grpc.ServicerContext, call: _Call
     ) -> Iterator[pb.JobStatus]:
-        for status in self.service.job(request.id).watch(context.is_active):
+        for status in self.service.job(call.caller, request.id).watch(context.is_active):
             yield messages.job_message(status)
 
     @_rpc
     def Unpin(
         self, request: pb.UnpinRequest, context: grpc.ServicerContext, call: _Call
     ) -> pb.UnpinResponse:
-        return pb.UnpinResponse(objects=self.service.unpin(request.holder, request.sources))
+        count = self.service.unpin(call.caller, request.holder, request.sources)
+        return pb.UnpinResponse(objects=count)
 
     @_rpc
     def View(
         self, request: pb.ViewRequest, context: grpc.ServicerContext, call: _Call
     ) -> pb.ViewResponse:
-        view = self.service.view(request.holder, request.sources, request.tier or None)
+        view = self.service.view(call.caller, request.holder, request.sources, request.tier or None)
         return pb.ViewResponse(path=view.path, objects=view.objects, bytes=view.bytes)
 
     @_rpc
     def Evict(
         self, request: pb.EvictRequest, context: grpc.ServicerContext, call: _Call
     ) -> pb.EvictResponse:
-        evicted = self.service.evict(request.sources)
+        evicted = self.service.evict(call.caller, request.sources)
         return pb.EvictResponse(objects=evicted.objects, bytes=evicted.bytes)
 
     @_rpc
     def FetchBlock(
         self, request: pb.FetchBlockRequest, context: grpc.ServicerContext, call: _Call
     ) -> Iterator[pb.BlockChunk]:
-        if not request.block_size:
-            raise ValueError("name the block size the asking node uses")
         ref = ObjectRef(parse_url(request.url), request.version, request.size, request.etag or None)
-        block = self.engine.block_for_peer(
+        block = self.service.block_for_peer(
+            call.caller,
             ref,
             request.block_size,
             request.index,
@@ -262,7 +282,7 @@ class CacheServicer(pb_grpc.CacheServicer):
     def Status(
         self, request: pb.StatusRequest, context: grpc.ServicerContext, call: _Call
     ) -> pb.StatusResponse:
-        status = self.service.status()
+        status = self.service.status(call.caller)
         return messages.status_message(dataclasses.replace(status, rpcs=self.calls.by_method()))
 
 

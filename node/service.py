@@ -1,8 +1,10 @@
 """The node's operations, each written once; the gRPC servicer and embedded mode adapt it.
 
 Every call a client can make (stat, list, cached objects, evict, unpin, views,
-prefetch and its jobs, status) is a method here that takes plain values, checks
-them, and returns the contract's types (``cachefs.types``). The servicer
+prefetch and its jobs, status, and the peers' calls) is a method here that takes the
+caller and plain values, checks the caller against the policy (``policy.py``) and the
+values against what the node knows, and returns the contract's types
+(``cachefs.types``). The servicer
 (``server.py``) turns messages into these calls and results into messages; the
 ``EmbeddedClient`` (``embedded.py``) calls them in the process. So a node and
 embedded mode do the same thing; tests/test_modes.py holds them to it.
@@ -15,7 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cachefs.errors import QuotaExceededError
+from cachefs.errors import QuotaExceededError, VersionChangedError
+from cachefs.node.callers import Caller
 from cachefs.node.engine import Engine, Manifest
 from cachefs.node.jobs import Job, JobRegistry
 from cachefs.node.origins import ObjectRef
@@ -29,7 +32,7 @@ from cachefs.types import (
     ObjectInfo,
     ViewInfo,
 )
-from cachefs.urls import parse_url
+from cachefs.urls import HTTP_PROTOCOLS, canonical_source, parse_url
 
 if TYPE_CHECKING:
     from cachefs.node.cluster.peers import Peers
@@ -41,6 +44,7 @@ class CacheService:
     def __init__(self, engine: Engine, node_id: str = "", peers: Peers | None = None) -> None:
         """``node_id`` names the node in ``status``; ``peers``: its cluster, if any."""
         self.engine = engine
+        self.policy = engine.config.policy
         self.node_id = node_id
         self.peers = peers
         self.jobs = JobRegistry()
@@ -49,10 +53,11 @@ class CacheService:
 
     # -- objects -----------------------------------------------------------------
 
-    def stat(self, url: str, data_file: bool = False) -> ObjectInfo:
+    def stat(self, caller: Caller, url: str, data_file: bool = False) -> ObjectInfo:
         """The object's current version (IsADirectoryError for a prefix). With
         ``data_file``, a complete object's verified file and inode are looked up too,
         and ``complete`` says whether that file can be handed out."""
+        self.policy.require(caller, "read", url)
         ref = self.engine.stat(url)
         obj = self.engine.store.get(ref.id)
         info = ObjectInfo(
@@ -81,8 +86,9 @@ class CacheService:
         path = self.engine.store.local_path(obj)  # verified before it is handed out
         return (str(path), obj.inode) if path is not None else None
 
-    def pinned(self, url: str, version: str, size: int) -> ObjectRef:
+    def pinned(self, caller: Caller, url: str, version: str, size: int) -> ObjectRef:
         """``url`` at the ``version`` (and ``size``) a reader pinned; "" is the current."""
+        self.policy.require(caller, "read", url)
         ref = self.engine.pinned(url, version)
         if version and size != ref.size:
             raise ValueError(
@@ -90,8 +96,9 @@ class CacheService:
             )
         return ref
 
-    def ls(self, url: str) -> list[dict[str, Any]]:
+    def ls(self, caller: Caller, url: str) -> list[dict[str, Any]]:
         """The origin's listing under ``url``: name (a full URL), size, type, version."""
+        self.policy.require(caller, "read", url)
         parsed = parse_url(url)
         entries = []
         for entry in self.engine.origin.ls(parsed):
@@ -108,9 +115,16 @@ class CacheService:
 
     # -- what is cached ----------------------------------------------------------
 
-    def cached(self, source: str | None = None) -> list[CachedEntry]:
-        """Cached objects, every version, by URL; only those ``source`` names."""
-        objects = self._matching(source) if source else self.engine.store.objects()
+    def cached(self, caller: Caller, source: str | None = None) -> list[CachedEntry]:
+        """Cached objects, every version, by URL; only those ``source`` names, and only
+        those the caller may read."""
+        if source:
+            self.policy.require(caller, "read", source)
+        objects = [
+            o
+            for o in (self._matching(source) if source else self.engine.store.objects())
+            if self.policy.allows(caller, "read", o.header.url)
+        ]
         return [
             CachedEntry(
                 url=o.header.url,
@@ -121,13 +135,16 @@ class CacheService:
                 complete=o.complete,
                 pinned_by=tuple(self.engine.store.holders(o.id)),
                 id=o.id,
+                verified=o.verification,
             )
             for o in sorted(objects, key=lambda o: o.header.url)
         ]
 
-    def evict(self, sources: Sequence[str]) -> EvictResult:
+    def evict(self, caller: Caller, sources: Sequence[str]) -> EvictResult:
         """Evict the cached objects (any version) each source names; pinned ones refuse."""
-        evicted = [obj for source in _checked(sources) for obj in self._evict(source)]
+        for source in _checked(sources):
+            self.policy.require(caller, "manage", source)
+        evicted = [obj for source in sources for obj in self._evict(source)]
         return EvictResult(len(evicted), sum(obj.charged for obj in evicted))
 
     def _evict(self, source: str) -> list[CachedObject]:
@@ -146,10 +163,10 @@ class CacheService:
             store.evict(obj)
         return targets
 
-    def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
-        """Release ``holder``'s pins of ``sources``; with none, all of them and its view."""
-        if not holder:
-            raise ValueError("name the pin's holder")
+    def unpin(self, caller: Caller, holder: str, sources: Sequence[str] = ()) -> int:
+        """Release ``holder``'s pins of ``sources``; with none, all of them and its view.
+        A caller that does not manage names its own holders (``Policy.holder``)."""
+        holder = self.policy.holder(caller, holder)
         if sources:
             return sum(self._unpin(holder, source) for source in _checked(sources))
         self.views.remove(holder)
@@ -177,17 +194,23 @@ class CacheService:
 
     # -- views -------------------------------------------------------------------
 
-    def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> ViewInfo:
+    def view(
+        self, caller: Caller, holder: str, sources: Sequence[str], tier: str | None = None
+    ) -> ViewInfo:
         """Pin and complete ``sources`` for ``holder``; its view (built once)."""
         if not holder:
             raise ValueError("name the view's holder")
-        view = self.views.build(holder, _checked(sources), tier)
+        holder = self.policy.holder(caller, holder)
+        for source in _checked(sources):
+            self.policy.require(caller, "view", source)
+        view = self.views.build(holder, list(sources), tier)
         return ViewInfo(str(view.path), view.objects, view.bytes)
 
     # -- prefetch ----------------------------------------------------------------
 
     def prefetch(
         self,
+        caller: Caller,
         sources: Sequence[str],
         pin: str | None = None,
         tier: str | None = None,
@@ -195,7 +218,7 @@ class CacheService:
     ) -> JobStatus:
         """Fetch every object of ``sources`` in this thread (embedded mode), as a job
         that ``status`` lists; progress reports, then the final status."""
-        sources = self._checked_prefetch(sources, tier, cluster=False)
+        sources, pin = self._checked_prefetch(caller, sources, pin, tier, None, cluster=False)
         return self.jobs.run(
             sources,
             pin,
@@ -205,6 +228,7 @@ class CacheService:
 
     def start_job(
         self,
+        caller: Caller,
         sources: Sequence[str],
         pin: str | None = None,
         tier: str | None = None,
@@ -215,7 +239,9 @@ class CacheService:
         """Run the prefetch of ``sources`` (or of exactly ``manifest``: a peer's), here
         or with ``cluster`` onto every member, as a job in the node; its first status.
         Bad input fails now, not in the job."""
-        sources = self._checked_prefetch(sources, tier, cluster)
+        sources, pin = self._checked_prefetch(caller, sources, pin, tier, manifest, cluster)
+        if manifest is not None:
+            manifest = self._trusted(manifest)
 
         def work(job_id: str, report: Callable[[JobStatus], None]) -> JobStatus:
             return self._prefetch(job_id, report, sources, pin, tier, manifest, cluster)
@@ -223,14 +249,53 @@ class CacheService:
         return self.jobs.start(sources, pin, work).status
 
     def _checked_prefetch(
-        self, sources: Sequence[str], tier: str | None, cluster: bool
-    ) -> list[str]:
+        self,
+        caller: Caller,
+        sources: Sequence[str],
+        pin: str | None,
+        tier: str | None,
+        manifest: Manifest | None,
+        cluster: bool,
+    ) -> tuple[list[str], str | None]:
+        """The sources and the pin's holder name, once the caller may prefetch them."""
         checked = _checked(sources)
+        if manifest is not None:  # versions another node resolved: only peers state them
+            self.policy.require_everywhere(caller, "peer")
+        for source in checked:
+            self.policy.require(caller, "manage" if cluster else "prefetch", source)
         if tier is not None:
             self.engine.store.tier(tier)  # a wrong name fails before anything is fetched
         if cluster:
             self._cluster()
-        return checked
+        return checked, self.policy.holder(caller, pin) if pin else None
+
+    def _trusted(self, manifest: Manifest) -> Manifest:
+        """A manifest a peer states, checked before any byte moves.
+
+        Each entry must be its origin's current version and size as this node sees it
+        (one stat: it also fills the stat cache the fills use). S3 and HTTP entries
+        must carry an ETag that is their version, so every fill is a GET with
+        ``If-Match`` on it: bytes of another version are never stored under this one.
+        """
+        checked = []
+        for ref in manifest.objects:
+            if ref.url.protocol in ("s3", *HTTP_PROTOCOLS) and (
+                not ref.etag or ref.version != f"etag:{ref.etag}"
+            ):
+                raise ValueError(
+                    f"{ref.canonical}: a manifest entry needs an ETag that is its version; "
+                    "resolve the source on this node instead"
+                )
+            current = self.engine.stat(ref.url.fetch_url)
+            if (current.version, current.size) != (ref.version, ref.size):
+                raise VersionChangedError(
+                    ref.canonical,
+                    ref.version,
+                    f"the origin has version {current.version} of {current.size} bytes, the "
+                    f"manifest says {ref.size}",
+                )
+            checked.append(current)
+        return Manifest(manifest.sources, tuple(checked))
 
     def _prefetch(
         self,
@@ -264,9 +329,37 @@ class CacheService:
         )
         return result.status(job_id)
 
-    def job(self, job_id: str) -> Job:
-        """A job of this node (FileNotFoundError when it is not known)."""
-        return self.jobs.get(job_id)
+    def job(self, caller: Caller, job_id: str) -> Job:
+        """A job of this node whose sources the caller may read (FileNotFoundError for
+        any other: an unknown job and another's look the same)."""
+        job = self.jobs.get(job_id)
+        if not self._may_see(caller, job.status):
+            raise FileNotFoundError(f"no job {job_id!r} on this node")
+        return job
+
+    def _may_see(self, caller: Caller, status: JobStatus) -> bool:
+        return all(self.policy.allows(caller, "read", canonical_source(s)) for s in status.sources)
+
+    # -- peers -------------------------------------------------------------------
+
+    def block_for_peer(
+        self,
+        caller: Caller,
+        ref: ObjectRef,
+        block_size: int,
+        index: int,
+        fill: bool,
+        forwarded: bool,
+    ) -> tuple[bytearray, int] | None:
+        """Block ``index`` of ``ref`` and its checksum, for another node: only peers ask,
+        and only in this node's block size (so no caller chooses how much it holds)."""
+        self.policy.require_everywhere(caller, "peer")
+        if block_size != self.engine.config.block_size:
+            raise ValueError(
+                f"blocks of {block_size} bytes are not this node's "
+                f"({self.engine.config.block_size}): give every node the same block_size"
+            )
+        return self.engine.block_for_peer(ref, block_size, index, fill, forwarded)
 
     def _cluster(self) -> Peers:
         if self.peers is None:
@@ -278,14 +371,19 @@ class CacheService:
 
     # -- status ------------------------------------------------------------------
 
-    def status(self) -> NodeStatus:
-        """Tiers, pins, jobs and counters."""
+    def status(self, caller: Caller) -> NodeStatus:
+        """Tiers, pins, jobs and counters; of the pins and jobs, those the caller may
+        see (its own holders, jobs of sources it may read)."""
         stats = self.engine.stats.snapshot()
         return NodeStatus(
             node_id=self.node_id,
             tiers=tuple(self.engine.store.usage()),
-            pins={holder: len(ids) for holder, ids in self.engine.store.pins().items()},
-            jobs=tuple(self.jobs.jobs()),
+            pins={
+                holder: len(ids)
+                for holder, ids in self.engine.store.pins().items()
+                if self.policy.owns(caller, holder)
+            },
+            jobs=tuple(s for s in self.jobs.jobs() if self._may_see(caller, s)),
             served_bytes=stats["served_bytes"],
             hits=stats["hits"],
             misses=stats["misses"],

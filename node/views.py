@@ -2,10 +2,11 @@
 
 A view is what a CSI volume bind-mounts read-only, so an inference server reads
 ``/models/config.json`` unchanged. The node builds one per holder from the holder's
-manifest: every object is pinned by the holder, complete and verified before its
-link is made, and the view is built in a staging directory and renamed into place,
-so a reader never sees half a view. Links share the data files' inodes, which the
-store never rewrites, and the holder's pin keeps them from eviction.
+manifest: every object is pinned by the holder, complete and verified (each block,
+and the whole against the origin's digest) before its link is made, and the view is
+built in a staging directory and renamed into place, so a reader never sees half a
+view. Links share the data files' inodes, which the store never rewrites, and the
+holder's pin keeps them from eviction.
 """
 
 from __future__ import annotations

@@ -7,6 +7,14 @@ path with ``watch=true`` streams newline-delimited JSON watch events (chunked HT
 of every change after ``resourceVersion``. A test changes the slices (each change is
 an event, delivered to open and later watches), ends open watches, or expires
 history (watches from before it get a 410 Gone ERROR event, as after compaction).
+
+It also answers ``POST /apis/authentication.k8s.io/v1/tokenreviews`` as the
+TokenReview API does (authentication.k8s.io/v1): the request's ``spec.token`` and
+``spec.audiences``; the answer's ``status.authenticated``, ``status.user.username``
+(``system:serviceaccount:<namespace>:<name>`` for a ServiceAccount token) and
+``status.audiences``: those of the request the token is valid for, and none (not
+authenticated, with ``status.error``) when it is valid for none of them. A test
+issues tokens with ``issue_token``.
 """
 
 from __future__ import annotations
@@ -69,6 +77,9 @@ class KubeApiServer:
         self.nodes: dict[str, dict[str, str]] = {}  # Node name -> its labels
         self.patches: list[tuple[str, str, dict[str, Any]]] = []  # name, content type, body
         self.refuse_patches = 0  # answer the next N node patches with 503
+        # Issued ServiceAccount tokens: token -> (namespace, name, audiences)
+        self.tokens: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        self.reviews = 0  # TokenReviews answered
         handler = type("Handler", (_Handler,), {"api": self})
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -117,6 +128,14 @@ class KubeApiServer:
             if not quiet:
                 self._events.append((self._version, "DELETED", obj))
             self._cond.notify_all()
+
+    def issue_token(
+        self, namespace: str, name: str, audiences: tuple[str, ...] = ("cachefs",)
+    ) -> str:
+        """A new ServiceAccount token of ``namespace/name``, valid for ``audiences``."""
+        token = f"sa-{namespace}-{name}-{len(self.tokens)}-" + "x" * 32
+        self.tokens[token] = (namespace, name, audiences)
+        return token
 
     def end_watches(self) -> None:
         """Close every open watch stream cleanly (as at its timeoutSeconds)."""
@@ -197,6 +216,43 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _node(self, name: str) -> dict[str, Any]:
         labels = self.api.nodes[name]
         return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+    def do_POST(self) -> None:
+        api = self.api
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if urlsplit(self.path).path != "/apis/authentication.k8s.io/v1/tokenreviews":
+            self._json(HTTPStatus.NOT_FOUND, _status(404, "NotFound", "not found"))
+            return
+        spec = body.get("spec") or {}
+        with api._cond:
+            api.reviews += 1
+            issued = api.tokens.get(spec.get("token") or "")
+        asked = list(spec.get("audiences") or ())
+        status: dict[str, Any] = {"authenticated": False}
+        if issued is None:
+            status["error"] = "invalid bearer token"
+        else:
+            namespace, name, audiences = issued
+            granted = [a for a in asked if a in audiences] if asked else list(audiences)
+            if not granted:
+                status["error"] = "token audiences do not match the requested audiences"
+            else:
+                status = {
+                    "authenticated": True,
+                    "user": {
+                        "username": f"system:serviceaccount:{namespace}:{name}",
+                        "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+                    },
+                    "audiences": granted,
+                }
+        review = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+        self._json(HTTPStatus.CREATED, review)
 
     def do_PATCH(self) -> None:
         api = self.api

@@ -9,6 +9,7 @@ overwrite the object or read the part already cached).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import html
@@ -115,6 +116,7 @@ class RequestRecord:
     status: int | None = None
     aborted: bool = False
     time: float = field(default_factory=time.monotonic)
+    target: str = ""  # HTTP: the request target as it arrived (path and query, undecoded)
 
     @property
     def object_get(self) -> bool:
@@ -724,6 +726,8 @@ class RangeHTTPServer(_Recorder):
     server skip If-Match so the client's own version check is what catches a change;
     ``send_etag=False`` drops ETag so versions fall back to size and Last-Modified;
     ``ignore_range`` answers every GET with the whole body (200), as some servers do.
+    ``repr_digest`` ("sha-256" or "sha-512") sends each file's Repr-Digest (RFC 9530);
+    ``set_headers`` adds headers to the answers about one file.
     """
 
     def __init__(
@@ -737,6 +741,8 @@ class RangeHTTPServer(_Recorder):
         self.ignore_if_match = ignore_if_match
         self.send_etag = send_etag
         self.ignore_range = ignore_range
+        self.repr_digest: str | None = None
+        self._file_headers: dict[str, dict[str, str]] = {}
         self._files: dict[str, _HttpObject] = {}
         self._resets: list[_Reset] = []
         self._connections: set[socket.socket] = set()
@@ -825,6 +831,12 @@ class RangeHTTPServer(_Recorder):
         with self._lock:
             del self._files[_normpath(path)]
 
+    def set_headers(self, path: str, headers: Mapping[str, str]) -> None:
+        """Send ``headers`` with every answer about ``path`` (a wrong Repr-Digest, a
+        model hub's X-Linked-Etag)."""
+        with self._lock:
+            self._file_headers[_normpath(path)] = dict(headers)
+
     def etag(self, path: str) -> str:
         """The current quoted ETag of ``path``."""
         with self._lock:
@@ -911,6 +923,7 @@ class RangeHTTPServer(_Recorder):
             if_match=handler.headers.get("If-Match"),
             key=path,
             object_request=not path.endswith("/"),
+            target=handler.path,
         )
         self._log(record)
         self._pass_gates(record)
@@ -938,6 +951,11 @@ class RangeHTTPServer(_Recorder):
         }
         if self.send_etag:
             headers["ETag"] = obj.etag
+        if self.repr_digest is not None:
+            digest = hashlib.new(self.repr_digest.replace("-", ""), obj.data).digest()
+            headers["Repr-Digest"] = f"{self.repr_digest}=:{base64.b64encode(digest).decode()}:"
+        with self._lock:
+            headers.update(self._file_headers.get(path, {}))
         if record.if_match is not None and not self.ignore_if_match:
             tags = [t.strip() for t in record.if_match.split(",")]
             if "*" not in tags and (not self.send_etag or obj.etag not in tags):
@@ -1109,3 +1127,46 @@ def make_traversable(path: Path, stop: Path) -> None:
             directory.chmod(mode | 0o001)
         if directory == stop:
             break
+
+
+def self_signed_cert(directory: Path, name: str = "tls") -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that signs itself, and its key: (cert, key) PEM files.
+
+    A client trusts it with ``SSL_CERT_FILE=<cert>`` (OpenSSL's default verify paths).
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name_attr = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name_attr)
+        .issuer_name(name_attr)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

@@ -196,6 +196,26 @@ CASES = {
         ValueError,
         lambda o: ("'..' is not allowed", "name the object by its full path"),
     ),
+    "dotdot-encoded-http": Case(
+        lambda o: o.http.base_url + "/dir/%2E%2e/obj.bin",
+        ValueError,
+        lambda o: ("'..' is not allowed", "name the object by its full path"),
+    ),
+    "dotdot-double-encoded-s3": Case(
+        lambda o: o.s3.url("dir/%252e%252e/obj.bin"),
+        ValueError,
+        lambda o: ("'%252e%252e' stands for '..'", "name the object by its full path"),
+    ),
+    "encoded-slash-http": Case(
+        lambda o: o.http.base_url + "/dir/..%2fobj.bin",
+        ValueError,
+        lambda o: ("encoded '/' (%2F)", "write '/' between path segments"),
+    ),
+    "userinfo-http": Case(
+        lambda o: o.http.base_url.replace("://", "://user:pw@") + "/obj.bin",
+        ValueError,
+        lambda o: ("credentials in a URL are not accepted", "origins:"),
+    ),
 }
 
 

@@ -31,13 +31,15 @@ import yaml
 from conftest import REPO_ROOT, mounts_under
 from daemon import CachefsProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from k8s_api import KubeApiServer
 from safetensors.numpy import save as save_safetensors
 
-from cachefs.csi.allow import AllowRule, check_source
 from cachefs.csi.proto import csi_pb2 as csi
 from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
+from cachefs.node.callers import Caller
 from cachefs.node.config import load_config
 from cachefs.node.labels import label_key
+from cachefs.node.policy import Policy
 
 CHART = REPO_ROOT / "charts" / "cachefs"
 EXAMPLES = REPO_ROOT / "examples"
@@ -61,7 +63,14 @@ EVERYTHING = {  # every optional part of the chart switched on
         "origins": [{"prefix": "s3://models/", "options": {"anon": False}}],
         "retry": {"attempts": 8},
         "server": {"socket_group": "2000", "shutdown_grace": 60},
-        "csi": {"allow": ["s3://models/", {"prefix": "gs://team-a/", "namespaces": ["team-a"]}]},
+        "policy": [
+            {"callers": ["pod"], "allow": ["view"], "sources": ["s3://models/"]},
+            {
+                "callers": ["namespace:team-a"],
+                "allow": ["view", "read"],
+                "sources": ["gs://team-a/"],
+            },
+        ],
     },
     "models": [
         {"name": "llama-3-8b", "source": "s3://models/llama-3-8b/", "pin": True},
@@ -196,6 +205,7 @@ ALLOWED_RULES = {
     ("discovery.k8s.io", "endpointslices", "watch"),
     ("", "nodes", "get"),
     ("", "nodes", "patch"),
+    ("authentication.k8s.io", "tokenreviews", "create"),
 }
 
 
@@ -219,10 +229,12 @@ def test_rbac_grants_only_what_the_node_uses(chart, case: str) -> None:
     namespaced, cluster = _grants(objects, "Role"), _grants(objects, "ClusterRole")
     assert namespaced | cluster <= ALLOWED_RULES
     assert all(resource == "endpointslices" for _, resource, _ in namespaced)
-    assert all(resource == "nodes" for _, resource, _ in cluster)  # nodes are cluster-wide
+    assert {r for _, r, _ in cluster} <= {"nodes", "tokenreviews"}  # cluster-wide kinds
     config = rendered_config(objects)
     assert bool(namespaced) == (config["cluster"]["membership"] == "kubernetes")
-    assert bool(cluster) == bool(config["cluster"].get("label_node"))
+    assert any(r == "nodes" for _, r, _ in cluster) == bool(config["cluster"].get("label_node"))
+    # Pods prove who they are through TokenReviews, whatever else is on.
+    assert ("authentication.k8s.io", "tokenreviews", "create") in cluster
     account = one(objects, "ServiceAccount")["metadata"]["name"]
     roles = {(r["kind"], r["metadata"]["name"]) for r in objects if r["kind"].endswith("Role")}
     for binding in of_kind(objects, "RoleBinding") + of_kind(objects, "ClusterRoleBinding"):
@@ -232,7 +244,7 @@ def test_rbac_grants_only_what_the_node_uses(chart, case: str) -> None:
         ]
     pod = one(objects, "DaemonSet")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account
-    assert pod["automountServiceAccountToken"] is bool(namespaced or cluster)
+    assert pod["automountServiceAccountToken"] is True
     for spec in pod_specs(objects):
         if spec is not pod:
             assert spec["automountServiceAccountToken"] is False  # prefetch Jobs: no API
@@ -464,10 +476,7 @@ def test_example_manifests_validate_and_match_the_gpu_pool_values() -> None:
     manifests = _example_manifests()
     assert {name for name, _ in manifests} >= {"vllm/deployment.yaml", "loader/job.yaml"}
     gpu_values = yaml.safe_load((EXAMPLES / "values-gpu-pool.yaml").read_text())
-    rules = [
-        AllowRule.parse(r) if isinstance(r, str) else AllowRule.parse(r["prefix"], r["namespaces"])
-        for r in gpu_values["config"]["csi"]["allow"]
-    ]
+    policy = Policy.from_config(gpu_values["config"]["policy"])
     for name, obj in manifests:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         if "template" not in obj.get("spec", {}):
@@ -478,12 +487,35 @@ def test_example_manifests_validate_and_match_the_gpu_pool_values() -> None:
             for v in pod["volumes"]
             if v.get("csi", {}).get("driver") == DRIVER
         ]
-        for source in sources:  # the source is allowed in the pod's namespace
-            check_source(source, obj["metadata"]["namespace"], rules)
+        caller = Caller("pod", namespace=obj["metadata"]["namespace"], service_account="default")
+        for source in sources:  # a volume's pod may view its source
+            policy.require(caller, "view", source)
+        if not sources:  # a pod on the node's socket: its token, and rights to its model
+            source = pod["containers"][0]["command"][-1]
+            policy.require(caller, "prefetch", source)
+            _assert_projects_a_cachefs_token(pod)
         terms = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
         keys = {e["key"] for t in terms for e in t["preference"]["matchExpressions"]}
         model = sources[0] if sources else pod["containers"][0]["command"][-1]
         assert keys == {label_key(model)}, f"{name}: regenerate with `cachefs label {model}`"
+
+
+def _assert_projects_a_cachefs_token(pod: dict[str, Any]) -> None:
+    """The pod mounts a ServiceAccount token for the audience cachefs where
+    CACHEFS_POD_TOKEN_FILE points."""
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container.get("env", ())}
+    token_file = Path(env["CACHEFS_POD_TOKEN_FILE"])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    projected = {
+        v["name"]: s["serviceAccountToken"]
+        for v in pod["volumes"]
+        for s in v.get("projected", {}).get("sources", ())
+        if "serviceAccountToken" in s
+    }
+    (name,) = [n for n, path in mounts.items() if Path(path) == token_file.parent]
+    assert projected[name]["audience"] == "cachefs"
+    assert projected[name]["path"] == token_file.name
 
 
 # -- the wiring, for real --------------------------------------------------------------
@@ -619,6 +651,13 @@ def short_root() -> Iterator[Path]:
 
 
 @pytest.fixture
+def kube_api() -> Iterator[KubeApiServer]:
+    """A Kubernetes API stand-in: the node checks pods' tokens with its TokenReviews."""
+    with KubeApiServer(NAMESPACE) as server:
+        yield server
+
+
+@pytest.fixture
 def processes() -> Iterator[list[CachefsProcess]]:
     started: list[CachefsProcess] = []
     yield started
@@ -659,7 +698,7 @@ def _run_cli(container: Container, argv: list[str]) -> subprocess.CompletedProce
 
 @pytest.mark.exercises("--cluster", "--endpoint", "CACHEFS_TOKEN_FILE")
 def test_the_rendered_daemonset_serves_a_csi_volume(
-    chart, s3, short_root, processes, monkeypatch
+    chart, s3, short_root, processes, monkeypatch, kube_api
 ) -> None:
     prefix = f"s3://{s3.name}/models/"
     source = f"{prefix}llama/"
@@ -669,7 +708,13 @@ def test_the_rendered_daemonset_serves_a_csi_volume(
             "memory": {"enabled": True, "type": "emptyDir", "quota": "64MiB"},
         },
         "origins": {"envFromSecret": "s3-credentials"},
-        "config": {"block_size": "64KiB", "csi": {"allow": [prefix]}},
+        "config": {
+            "block_size": "64KiB",
+            "policy": [
+                {"callers": ["pod"], "allow": ["view"], "sources": [prefix]},
+                {"callers": ["namespace:team-a"], "allow": ["read"], "sources": [prefix]},
+            ],
+        },
         "models": [{"name": "llama", "source": source, "pin": True}],
     }
     objects = render(chart, values)
@@ -684,17 +729,21 @@ def test_the_rendered_daemonset_serves_a_csi_volume(
     registrar = daemon_pod.container("node-driver-registrar")
 
     # The rendered config, its paths inside the containers as the chart wrote them, is
-    # written where the ConfigMap is mounted. Kubernetes membership needs an API server,
-    # which this test has not (tests/test_membership.py covers that source): the cluster
-    # section is replaced by a static cluster of this one node, which a cluster prefetch
-    # (the hook Job's) needs.
+    # written where the ConfigMap is mounted. Kubernetes membership is covered by
+    # tests/test_membership.py: the cluster section is replaced by a static cluster of
+    # this one node, which a cluster prefetch (the hook Job's) needs, and an API
+    # stand-in that answers the node's TokenReviews.
     config = rendered_config(objects)
     for tier in config["tiers"]:
         assert node.path(tier["path"]) == plugin.path(tier["path"])
         tier["path"] = str(node.path(tier["path"]))
     config["csi"]["state_dir"] = str(plugin.path(config["csi"]["state_dir"]))
     assert config["cluster"]["membership"] == "kubernetes"
-    config["cluster"] = {"membership": "static", "peers": [address]}
+    config["cluster"] = {
+        "membership": "static",
+        "peers": [address],
+        "kubernetes_api_url": kube_api.url,
+    }
     config_file = node.path(node.flag("--config"))
     assert config_file == plugin.path(plugin.flag("--config"))
     config_file.write_text(yaml.safe_dump(config))
@@ -778,13 +827,20 @@ def test_the_rendered_daemonset_serves_a_csi_volume(
             p.stat().st_ino for p in memory.rglob("data")
         }
 
-        # The loader example reads the same model through the node's unix socket.
+        # The loader example reads the same model through the node's unix socket, as a
+        # pod of team-a: with the token it projects, and refused without it.
+        loader = [sys.executable, str(EXAMPLES / "loader" / "load.py"), "--framework=numpy"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEFS_", "AWS_"))}
+        env["CACHEFS_ENDPOINT"] = serving["socket"]
+        refused = subprocess.run(
+            [*loader, source], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode != 0 and "may not read" in refused.stderr, refused.stderr
+        token_file = short_root / "pod-token"
+        token_file.write_text(kube_api.issue_token("team-a", "default"))
+        env["CACHEFS_POD_TOKEN_FILE"] = str(token_file)
         loaded = subprocess.run(
-            [sys.executable, str(EXAMPLES / "loader" / "load.py"), "--framework=numpy", source],
-            env={**os.environ, "CACHEFS_ENDPOINT": serving["socket"]},
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [*loader, source], env=env, capture_output=True, text=True, timeout=60
         )
         assert loaded.returncode == 0, loaded.stderr
         summary = json.loads(loaded.stdout)

@@ -1,6 +1,7 @@
 """Credentials never leak, and never reach a cache key.
 
-Secrets here: the S3 access and secret keys, an HTTP userinfo password and the
+Secrets here: the S3 access and secret keys, a password in a URL's userinfo (which
+cachefs refuses: credentials belong in the config or the environment) and the
 signature, credential and token of a presigned URL. They must not appear in log
 records (every logger at DEBUG), in exception messages or reprs (the whole chain),
 in CLI output, or in any byte of any file under the cache root. URLs are named by
@@ -66,8 +67,8 @@ def with_userinfo(url: str) -> str:
 
 
 def presigned(url: str) -> str:
-    """``url`` with userinfo and a presigned query string."""
-    return f"{with_userinfo(url)}?{PRESIGNED_QUERY}"
+    """``url`` with a presigned query string."""
+    return f"{url}?{PRESIGNED_QUERY}"
 
 
 class _Records(logging.Handler):
@@ -274,17 +275,17 @@ def test_s3_storage_options_do_not_change_keys(s3: S3Bucket, cache_dir: Path) ->
 # ---------------------------------------------------------------- HTTP
 
 
-def test_http_userinfo_and_presigned_query_do_not_leak(
+def test_http_presigned_query_does_not_leak(
     http_origin: RangeHTTPServer, engine: Engine, cache_dir: Path, debug_logs: _Records
 ) -> None:
-    """A password in the URL and a presigned query never surface, whatever happens."""
+    """A presigned query never surfaces, whatever happens; it reaches the origin as given."""
     http_origin.put("/model.bin", DATA)
     http_origin.put("/other.bin", DATA[:5000])
     http_origin.put("/dir/a.bin", DATA[:3000])
     url = presigned(http_origin.url("/model.bin"))
     assert engine.read(url) == DATA
-    assert engine.read(with_userinfo(http_origin.url("/other.bin"))) == DATA[:5000]
-    engine.prefetch([with_userinfo(http_origin.url("/dir/"))], pin="job:eval")
+    assert engine.read(presigned(http_origin.url("/other.bin"))) == DATA[:5000]
+    engine.prefetch([presigned(http_origin.url("/dir/"))], pin="job:eval")
     assert all(r.query == PRESIGNED_QUERY for r in http_origin.requests if r.path == "/model.bin")
 
     http_origin.put("/fail.bin", DATA[:5000])
@@ -328,13 +329,47 @@ def test_http_userinfo_and_presigned_query_do_not_leak(
     assert_cache_clean(cache_dir)
 
 
+def test_userinfo_is_refused_without_leaking(
+    http_origin: RangeHTTPServer,
+    s3: S3Bucket,
+    engine: Engine,
+    cache_dir: Path,
+    debug_logs: _Records,
+) -> None:
+    """``user:password@`` in a URL is refused before any request, by every interface,
+    with a message that says where credentials go and never shows them."""
+    http_origin.put("/model.bin", DATA)
+    s3.put("model.bin", DATA)
+    fs = fsspec.filesystem("cachefs", cache_dir=str(cache_dir), skip_instance_cache=True)
+    for url in (
+        with_userinfo(http_origin.url("/model.bin")),
+        presigned(with_userinfo(http_origin.url("/model.bin"))),
+        with_userinfo(http_origin.url("/")),
+        f"s3://{TEST_ACCESS_KEY}:{TEST_SECRET_KEY}@{s3.name}/model.bin",
+    ):
+        for call in (
+            lambda url=url: engine.read(url),
+            lambda url=url: engine.prefetch([url], pin="job:x"),
+            lambda url=url: fs.cat_file(url),
+            lambda url=url: fs.info(url),
+        ):
+            error = expect_failure(call, ValueError)
+            for fragment in ("credentials in a URL are not accepted", "origins:"):
+                assert fragment in str(error), str(error)
+        result = run_cli(cache_dir, "prefetch", url)
+        assert_cli_clean(result, 1)
+        assert "credentials in a URL are not accepted" in result.stderr
+    assert http_origin.requests == [] and s3.requests == []
+    assert_logs_clean(debug_logs)
+
+
 # ------------------------------------------------------- canonical keys
 
 
 @pytest.mark.parametrize(
     ("given", "canonical"),
     [
-        (f"https://{USER}:{PASSWORD}@Example.COM/x?{PRESIGNED_QUERY}", "https://example.com/x"),
+        (f"https://Example.COM/x?{PRESIGNED_QUERY}", "https://example.com/x"),
         ("https://example.com:443/x", "https://example.com/x"),
         ("http://example.com:80/x", "http://example.com/x"),
         ("http://example.com:8080/x", "http://example.com:8080/x"),
@@ -347,11 +382,10 @@ def test_http_userinfo_and_presigned_query_do_not_leak(
         (f"https://h/x?Signature={SIGNATURE}&AWSAccessKeyId=AKIA&Expires=1", "https://h/x"),
         (f"s3://bucket/key?X-Amz-Signature={SIGNATURE}&versionId=7", "s3://bucket/key?versionId=7"),
         ("s3a://bucket/key", "s3://bucket/key"),
-        (f"s3://{TEST_ACCESS_KEY}:{TEST_SECRET_KEY}@bucket/key", "s3://bucket/key"),
     ],
 )
 def test_canonical_url_drops_secrets(given: str, canonical: str) -> None:
-    """Userinfo and signing parameters never reach the canonical URL (or its repr)."""
+    """Signing parameters never reach the canonical URL (or its repr)."""
     url = parse_url(given)
     assert url.canonical == canonical
     assert str(url) == canonical
@@ -361,7 +395,7 @@ def test_canonical_url_drops_secrets(given: str, canonical: str) -> None:
 def test_credentialed_and_plain_urls_share_an_object(
     http_origin: RangeHTTPServer, engine: Engine, cache_dir: Path
 ) -> None:
-    """``https://user:pw@host/x?X-Amz-Signature=..`` and ``https://host/x``: one object id."""
+    """``https://host/x?X-Amz-Signature=..`` and ``https://host/x``: one object id."""
     http_origin.put("/x.bin", DATA)
     plain = http_origin.url("/x.bin")
     secret = presigned(plain)

@@ -230,7 +230,15 @@ def test_namespace_rules_use_the_pod_information(start_csi, node, s3, tmp_path) 
     config = tmp_path / "csi.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"csi": {"allow": [{"prefix": f"s3://{s3.name}/models/", "namespaces": ["team-a"]}]}}
+            {
+                "policy": [
+                    {
+                        "callers": ["namespace:team-a"],
+                        "allow": ["view"],
+                        "sources": [f"s3://{s3.name}/models/"],
+                    }
+                ]
+            }
         )
     )
     plugin = start_csi(node.unix_endpoint, extra_args=("--config", str(config)))

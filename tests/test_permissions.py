@@ -22,6 +22,7 @@ import pytest
 from servers import NOBODY_GID, NOBODY_UID, NobodyRunner
 
 from cachefs.errors import CacheDirError
+from cachefs.node.callers import IN_PROCESS
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
 from cachefs.node.service import CacheService
@@ -158,8 +159,8 @@ def exercise(engine: Engine, origin: dict[str, bytes], root: Path, root_mode: in
         ("prefetch", lambda: engine.prefetch(urls[:2])),
         ("pin", lambda: engine.prefetch([urls[2]], pin="job:a")),
         ("read", lambda: engine.read(urls[0], 1000, 100_000)),
-        ("eviction", lambda: CacheService(engine).evict([urls[1]])),
-        ("unpin", lambda: CacheService(engine).unpin("job:a")),
+        ("eviction", lambda: CacheService(engine).evict(IN_PROCESS, [urls[1]])),
+        ("unpin", lambda: CacheService(engine).unpin(IN_PROCESS, "job:a")),
     ]
     for step, action in steps:
         action()

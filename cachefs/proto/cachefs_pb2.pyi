@@ -46,7 +46,7 @@ class ListRequest(_message.Message):
     def __init__(self, url: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class Entry(_message.Message):
-    __slots__ = ("name", "size", "type", "version", "cached_bytes", "tier", "complete", "pinned_by", "id")
+    __slots__ = ("name", "size", "type", "version", "cached_bytes", "tier", "complete", "pinned_by", "id", "verified")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class Entry(_message.Message):
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     PINNED_BY_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     type: str
@@ -65,7 +66,8 @@ class Entry(_message.Message):
     complete: bool
     pinned_by: _containers.RepeatedScalarFieldContainer[str]
     id: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., type: _Optional[str] = ..., version: _Optional[str] = ..., cached_bytes: _Optional[int] = ..., tier: _Optional[str] = ..., complete: _Optional[bool] = ..., pinned_by: _Optional[_Iterable[str]] = ..., id: _Optional[str] = ...) -> None: ...
+    verified: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., type: _Optional[str] = ..., version: _Optional[str] = ..., cached_bytes: _Optional[int] = ..., tier: _Optional[str] = ..., complete: _Optional[bool] = ..., pinned_by: _Optional[_Iterable[str]] = ..., id: _Optional[str] = ..., verified: _Optional[str] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("entries",)

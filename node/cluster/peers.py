@@ -79,7 +79,7 @@ class Peers:
         with self._lock:
             client = self._clients.get(peer)
             if client is None:
-                client = NodeClient(peer, self.timeout, self._token or "", self._tls_ca or "")
+                client = NodeClient(peer, self.timeout, self._token or "", self._tls_ca or "", "")
                 self._clients[peer] = client
             return client
 

@@ -46,7 +46,7 @@ class Origin:
         self._options = {k: dict(v) for k, v in (options or {}).items()}
         self._backends: dict[tuple[str, str], Backend] = {}
         self._lock = threading.Lock()
-        self._client = RangedHTTPClient(timeout=config.retry.timeout)
+        self._client = RangedHTTPClient(config.retry.timeout, config.allow_redirects_to)
         self._observe = observe
 
     def backend(self, url: OriginURL) -> Backend:

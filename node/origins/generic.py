@@ -13,6 +13,7 @@ from typing import Any
 import fsspec
 
 from cachefs.errors import TransientOriginError, VersionChangedError
+from cachefs.node.origins.digests import info_digest
 from cachefs.node.origins.ref import ObjectRef, version_from_info
 from cachefs.node.sinks import Sink
 from cachefs.urls import OriginURL
@@ -44,7 +45,12 @@ class FsspecBackend:
             raise _with_url(exc, url) from exc
 
     def _ref(self, url: OriginURL, info: dict[str, Any]) -> ObjectRef:
-        return ObjectRef(url=url, version=version_from_info(info), size=int(info["size"] or 0))
+        return ObjectRef(
+            url=url,
+            version=version_from_info(info),
+            size=int(info["size"] or 0),
+            digest=info_digest(self.protocol, info),
+        )
 
     def stat(self, url: OriginURL) -> ObjectRef:
         info = self._info(url)

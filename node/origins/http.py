@@ -2,9 +2,11 @@
 
 The version is the strong ETag when the server sends one (then each GET carries
 If-Match), else size + Last-Modified. Every answer's ETag, Last-Modified and total
-size are compared with the pinned ones too, for servers that ignore If-Match.
+size are compared with the pinned ones too, for servers that ignore If-Match. The
+HEAD's ``Repr-Digest`` (or a model hub's ``X-Linked-Etag``) is the object's digest.
 Listing a "directory" URL (ending in /) uses fsspec's HTTP filesystem, which reads
-the links of an index page.
+the links of an index page: at the URL this module's own client was redirected to
+(redirects checked as every other request's are), with aiohttp's redirects off.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from cachefs.errors import VersionChangedError
+from cachefs.node.origins.digests import http_digest
 from cachefs.node.origins.errors import error_for_status
-from cachefs.node.origins.ranged_http import Answer, RangedHTTPClient, basic_auth
+from cachefs.node.origins.ranged_http import Answer, RangedHTTPClient
 from cachefs.node.origins.ref import ObjectRef
 from cachefs.node.sinks import BufferSink, Sink
 from cachefs.urls import OriginURL, parse_url
@@ -51,39 +54,31 @@ class HTTPBackend:
             version=_version(answer, size),
             size=size,
             etag=etag if etag and not etag.startswith("W/") else None,
+            digest=http_digest(answer),
         )
 
     def list(self, url: OriginURL) -> list[ObjectRef]:
         import fsspec
 
-        # Userinfo and query go to aiohttp as a header and params, never into URLs that
-        # fsspec logs; objects found on the same host inherit the userinfo for fetching.
-        parts = urlsplit(url.fetch_url)
-        userinfo, _, host = parts.netloc.rpartition("@")
-        options = dict(self._options)
+        # The query goes to aiohttp as params, never into URLs that fsspec logs.
+        parts = urlsplit(self._client.locate(url.fetch_url, url.canonical, self._headers))
+        options = {**self._options, "allow_redirects": False}
         if parts.query:
             query = dict(parse_qsl(parts.query, keep_blank_values=True))
             options["params"] = {**query, **(options.get("params") or {})}
-        if parts.username is not None:
-            client = dict(options.get("client_kwargs") or {})
-            auth = {"Authorization": basic_auth(parts.username, parts.password)}
-            client["headers"] = {**auth, **(client.get("headers") or {})}
-            options["client_kwargs"] = client
         fs = fsspec.filesystem(self.protocol, **options)
+        listed = urlunsplit(parts._replace(query=""))
+        where = listed.rstrip("/") + "/"
         try:
-            found = fs.find(urlunsplit(parts._replace(netloc=host, query="")))
+            found = _files_under(fs, listed, where)
         except FileNotFoundError:
             raise FileNotFoundError(
                 errno.ENOENT, f"no such object at the origin: {url}; check the URL"
             ) from None
-
-        def child(found_url: str) -> OriginURL:
-            split = urlsplit(found_url)
-            if userinfo and split.netloc == host:
-                split = split._replace(netloc=f"{userinfo}@{host}")
-            return parse_url(urlunsplit(split))  # canonical: no userinfo in keys
-
-        return [self.stat(child(str(u))) for u in found if not str(u).endswith("/")]
+        # Objects are named under the URL the user gave (each read follows the redirect
+        # again).
+        named = urlsplit(url.fetch_url)._replace(query="").geturl().rstrip("/") + "/"
+        return [self.stat(parse_url(named + found_url[len(where) :])) for found_url in found]
 
     def read(self, ref: ObjectRef, start: int, end: int, sink: Sink) -> None:
         headers = dict(self._headers)
@@ -101,6 +96,28 @@ class HTTPBackend:
             current = self.stat(ref.url)
             if current.version != ref.version:
                 raise VersionChangedError(ref.canonical, ref.version, f"now {current.version}")
+
+
+def _files_under(fs: Any, top: str, where: str) -> list[str]:
+    """Every file URL below ``where``, read index page by index page from ``top``.
+
+    Each page asked for below the top is a directory URL ending in "/", so none needs
+    a redirect (aiohttp's are off). Links outside ``where`` are dropped, among them
+    those fsspec takes across to http from an https page.
+    """
+    files: list[str] = []
+    todo, seen = [top], {top}
+    while todo:
+        for entry in fs.ls(todo.pop(), detail=True):
+            name = str(entry["name"])
+            if not name.startswith(where) or name in seen:
+                continue
+            seen.add(name)
+            if name.endswith("/"):
+                todo.append(name)
+            else:
+                files.append(name)
+    return sorted(files)
 
 
 def _comparable(answer: Answer) -> bool:

@@ -1,10 +1,11 @@
-"""What a stat of an origin object yields: its URL, version and size."""
+"""What a stat of an origin object yields: its URL, version, size and digest."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from cachefs.node.layout import Digest
 from cachefs.urls import OriginURL, object_id
 
 # Keys under which fsspec backends report a content identity, strongest first.
@@ -26,12 +27,18 @@ _TIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "
 
 @dataclass(frozen=True)
 class ObjectRef:
-    """One origin object at one version; a reader pins itself to it."""
+    """One origin object at one version; a reader pins itself to it.
+
+    ``digest``: the origin's own checksum of the whole object, which a complete copy
+    must match; None when it publishes none, or when the ref came from another node
+    (which does not send it).
+    """
 
     url: OriginURL
     version: str
     size: int
     etag: str | None = None
+    digest: Digest | None = None
 
     @property
     def id(self) -> str:

@@ -6,7 +6,8 @@ storage options configured per prefix, in s3fs's spelling (``key``, ``secret``,
 ``token``, ``anon``, ``profile``, ``endpoint_url``, ``client_kwargs``,
 ``config_kwargs``). A plain botocore client starts in a fraction of the time s3fs
 and aiobotocore take to import, which a one-shot ``cachefs prefetch`` pays;
-s3fs is loaded only to list a prefix. Each ranged GET carries
+s3fs is loaded only to list a prefix (each object listed is then HEADed, for its
+checksum: see ``digests.py``). Each ranged GET carries
 ``If-Match: <ETag>``, so an object overwritten mid-read fails with 412 instead of
 mixing versions. Presigned URLs carry signatures: they never leave this module,
 and messages name the canonical ``s3://`` URL only.
@@ -14,13 +15,14 @@ and messages name the canonical ``s3://`` URL only.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cachefs.errors import TransientOriginError
+from cachefs.node.origins.digests import s3_digest
 from cachefs.node.origins.errors import error_for_status
 from cachefs.node.origins.ranged_http import RangedHTTPClient
 from cachefs.node.origins.ref import ObjectRef
@@ -28,6 +30,7 @@ from cachefs.node.sinks import Sink
 from cachefs.urls import OriginURL
 
 PRESIGN_SECONDS = 3600
+HEADS_IN_FLIGHT = 16  # a listed prefix's objects are HEADed this many at a time
 PRESIGN_REUSE_SECONDS = 1800
 _CLIENT_KWARGS = ("endpoint_url", "region_name", "verify", "use_ssl")
 
@@ -113,7 +116,8 @@ class S3Backend:
         if not key:
             raise IsADirectoryError(errno.EISDIR, f"{url} is a bucket; name an object in it")
         try:
-            head = self._call(url, bucket, "head_object", Key=key)
+            # ChecksumMode: the answer carries the object's full checksum, if it has one.
+            head = self._call(url, bucket, "head_object", Key=key, ChecksumMode="ENABLED")
         except FileNotFoundError:
             listing = self._call(
                 url, bucket, "list_objects_v2", Prefix=key.rstrip("/") + "/", MaxKeys=1
@@ -129,17 +133,20 @@ class S3Backend:
         etag = quoted_etag(head.get("ETag"))
         size = int(head.get("ContentLength") or 0)
         version = f"etag:{etag}" if etag else f"size:{size}:{head.get('LastModified')}"
-        return ObjectRef(url=url, version=version, size=size, etag=etag)
+        return ObjectRef(url=url, version=version, size=size, etag=etag, digest=s3_digest(head))
 
     def list(self, url: OriginURL) -> list[ObjectRef]:
-        # A listing's ETag is the HEAD's: keep it, so reads of these refs carry If-Match.
-        refs = []
-        for ref in self._lister().list(url):
-            if ref.version.startswith("etag:"):
-                etag = quoted_etag(ref.version.removeprefix("etag:"))
-                ref = dataclasses.replace(ref, version=f"etag:{etag}", etag=etag)
-            refs.append(ref)
-        return refs
+        """Every object under ``url``, as a HEAD of each states it: a listing names no
+        checksum values, and the HEAD's is the object's digest."""
+        listed = [ref.url for ref in self._lister().list(url)]
+        with ThreadPoolExecutor(max(1, min(HEADS_IN_FLIGHT, len(listed)))) as pool:
+            return [ref for ref in pool.map(self._stat_listed, listed) if ref is not None]
+
+    def _stat_listed(self, url: OriginURL) -> ObjectRef | None:
+        try:
+            return self.stat(url)
+        except (FileNotFoundError, IsADirectoryError):
+            return None  # deleted since it was listed
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
         return self._lister().ls(url)

@@ -8,7 +8,8 @@ condition on it that is notified when space may free up):
   directories made, adopted and retired;
 - ``pins``: holders and their objects, persisted, with a reverse index;
 - ``space``: reservations, quotas, pinned bytes and LRU eviction;
-- ``blocks``: block reads, writes, verification and repair.
+- ``blocks``: block reads, writes, verification and repair;
+- ``digests``: an origin's digest of a whole object computed from its blocks.
 
 The Store itself places objects (which tier, pinned first or not) and keeps the
 index and the space accounting in step as objects come and go.
@@ -26,7 +27,7 @@ from pathlib import Path
 from cachefs.errors import QuotaExceededError
 from cachefs.node import layout
 from cachefs.node.config import TierConfig
-from cachefs.node.layout import ObjectHeader
+from cachefs.node.layout import Digest, ObjectHeader
 from cachefs.node.store.block_writer import BlockWriter
 from cachefs.node.store.blocks import Blocks
 from cachefs.node.store.index import (
@@ -170,6 +171,7 @@ class Store:
         ones can be evicted). With ``pin_holder`` the object is pinned before any
         byte is fetched, and a tier without room raises QuotaExceededError; without
         it, no room means None: the caller serves the bytes without caching them.
+        An object made without its origin's digest learns it from ``header``.
         """
         with self._lock:
             obj = self.get(header.id)
@@ -179,6 +181,8 @@ class Store:
                 if obj is not None:
                     if pin_holder:
                         self._pin_checked(obj.tier, header, pin_holder)
+                    if header.digest is not None:
+                        self._blocks.learn_digest(obj, header.digest)
                     return obj
             candidates = [self.tier(tier_name)] if tier_name else self.tiers
             for tier in candidates:
@@ -277,9 +281,11 @@ class Store:
         """Write and record one block held in memory. False: not cached (no room)."""
         return self._blocks.write_block(obj, index, data)
 
-    def note_recorded(self, obj: CachedObject, index: int, checksum: int, charge: int) -> None:
+    def note_recorded(
+        self, obj: CachedObject, index: int, checksum: int, charge: int, crc: int | None
+    ) -> None:
         """A block's record is on disk: its reserved space becomes used."""
-        self._blocks.note_recorded(obj, index, checksum, charge)
+        self._blocks.note_recorded(obj, index, checksum, charge, crc)
 
     def read(self, obj: CachedObject, index: int, offset: int, into: memoryview) -> bool:
         """Bytes of block ``index`` from ``offset`` into ``into``; False if absent or bad."""
@@ -293,13 +299,43 @@ class Store:
         """Check every present block against its checksum; discard and return the bad."""
         return self._blocks.verify(obj)
 
+    def check_block(
+        self, obj: CachedObject, index: int, buffer: memoryview, paced: Callable[[int], None]
+    ) -> bool | None:
+        """Re-read one block, verified or not (the scrubber); a bad one is discarded.
+
+        True: intact; False: corrupt or unreadable; None: it went away meanwhile.
+        """
+        return self._blocks.check(obj, index, buffer, paced)
+
     def discard(self, obj: CachedObject, indices: Sequence[int]) -> None:
         """Forget corrupt blocks. A file someone may hold is repaired into a new file."""
         self._blocks.discard(obj, indices)
 
     def local_path(self, obj: CachedObject) -> Path | None:
-        """The data file of a complete, fully verified object, or None."""
+        """The data file of a complete, fully verified object, or None. Verified means
+        every block against its xxh3 and the whole against its origin's digest (see
+        ``verify_digest``: a second mismatch raises IntegrityError)."""
         return self._blocks.local_path(obj)
+
+    # -- the origin's digest -----------------------------------------------------
+
+    def learn_digest(self, obj: CachedObject, digest: Digest) -> None:
+        """Give an object made without its origin's digest that digest."""
+        self._blocks.learn_digest(obj, digest)
+
+    def verify_digest(self, obj: CachedObject) -> bool:
+        """Check a complete object against its origin's digest (once; recorded).
+
+        False: a block failed its checksum, or the whole failed the digest and every
+        block was dropped; fetch them again (from the origin only: ``origin_only``).
+        Raises IntegrityError when it fails again after that.
+        """
+        return self._blocks.verify_digest(obj)
+
+    def origin_only(self, object_id: str) -> bool:
+        """Whether the object's blocks must come from the origin, never from peers."""
+        return self._blocks.origin_only(object_id)
 
     # -- reporting ---------------------------------------------------------------
 

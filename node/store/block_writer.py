@@ -2,10 +2,12 @@
 
 Space is reserved before the first byte; each chunk is written where it belongs
 while it is still in the CPU cache (no block-sized buffer per fill) and hashed on
-the way; the block is recorded only after its last byte is written. A retried
-origin read calls ``begin`` and the block starts again. When the disk fills up and
-nothing can be evicted, or the object is retired meanwhile, the writer falls back
-to memory: what it wrote is read back and the block is served without caching.
+the way (and, when the origin's digest is a CRC, its CRC too: the object's is
+combined from the blocks'); the block is recorded only after its last byte is
+written. A retried origin read calls ``begin`` and the block starts again. When the
+disk fills up and nothing can be evicted, or the object is retired meanwhile, the
+writer falls back to memory: what it wrote is read back and the block is served
+without caching.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import xxhash
 from cachefs.errors import IntegrityError
 from cachefs.node import layout
 from cachefs.node.faults import crash_point, should_crash
+from cachefs.node.store.digests import block_crc
 from cachefs.node.store.objects import CachedObject, Tier
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -36,7 +39,9 @@ class StoreSide(Protocol):
 
     def make_room(self, tier: Tier, amount: int, protect: CachedObject) -> bool: ...
 
-    def note_recorded(self, obj: CachedObject, index: int, checksum: int, charge: int) -> None: ...
+    def note_recorded(
+        self, obj: CachedObject, index: int, checksum: int, charge: int, crc: int | None
+    ) -> None: ...
 
     def unreserve(self, tier: Tier, amount: int) -> None: ...
 
@@ -52,6 +57,8 @@ class BlockWriter:
         self._start, self._end = obj.header.block_span(index)
         self._offset = self._start
         self._hasher = xxhash.xxh3_64()
+        self._crc_of = block_crc(obj.header.digest)
+        self._crc = 0
         self._memory: bytearray | None = None  # set once the block cannot be cached
         self._held = ExitStack()  # in use (no eviction) and a shared lock (no repair)
         self._held.enter_context(store.in_use(obj))
@@ -67,6 +74,7 @@ class BlockWriter:
     def begin(self) -> None:
         self._offset = self._start
         self._hasher.reset()
+        self._crc = 0
         if self._memory is not None:
             self._memory.clear()
 
@@ -74,6 +82,8 @@ class BlockWriter:
         if self._offset + len(chunk) > self._end:
             raise ValueError(f"{self._obj.header.url}: more bytes than block {self._index} holds")
         self._hasher.update(chunk)
+        if self._crc_of is not None:
+            self._crc = self._crc_of(chunk, self._crc)
         if self._memory is None:
             self._write_to_file(chunk)
         if self._memory is not None:
@@ -128,7 +138,8 @@ class BlockWriter:
                 meta.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
             meta.write(record)
-        self._store.note_recorded(obj, self._index, checksum, self._charge)
+        crc = self._crc if self._crc_of is not None else None
+        self._store.note_recorded(obj, self._index, checksum, self._charge, crc)
         self._reserved = False
 
     def _release_reservation(self) -> None:

@@ -7,10 +7,16 @@ inode the index holds: another process on the cache directory may have replaced
 it. Files that may be held by a reader outside the store (a handed-out path, a
 hard link) are never rewritten: a repair copies the good blocks into a new file
 that takes the old one's place.
+
+When the origin publishes a digest of the whole object, a complete object is also
+checked against it before its path is handed out (once; the meta file records it).
+A mismatch drops every block, and the store remembers it: those blocks come from
+the origin only, and a second mismatch is an IntegrityError.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -22,13 +28,18 @@ from pathlib import Path
 
 import xxhash
 
+from cachefs.errors import IntegrityError
 from cachefs.node import layout
 from cachefs.node.faults import crash_point
+from cachefs.node.layout import Digest
+from cachefs.node.store import digests
 from cachefs.node.store.block_writer import BlockWriter
 from cachefs.node.store.objects import CachedObject, block_charge
 from cachefs.node.store.space import Space
 
 log = logging.getLogger("cachefs.store")
+# What _block_xxh3 returns for a block it could not read: never an xxh3-64 (unsigned).
+_UNREADABLE = -1
 
 
 class Blocks:
@@ -49,6 +60,8 @@ class Blocks:
         self._writer = writer
         self._forget = forget
         self._retire = retire
+        # Objects whose copy failed its origin's digest -> what the bytes gave.
+        self._mismatches: dict[str, str] = {}
 
     # -- writing -----------------------------------------------------------------
 
@@ -81,14 +94,21 @@ class Blocks:
             raise
         return writer.commit() is None
 
-    def note_recorded(self, obj: CachedObject, index: int, checksum: int, charge: int) -> None:
-        """A block's record is on disk: its reserved space becomes used."""
+    def note_recorded(
+        self, obj: CachedObject, index: int, checksum: int, charge: int, crc: int | None
+    ) -> None:
+        """A block's record is on disk: its reserved space becomes used. ``crc``: its
+        CRC for the origin's digest, when that combines per block."""
         with self._lock:
             obj.tier.reserved -= charge
             obj.tier.used += charge
             obj.charged += charge
             obj.present[index] = checksum
             obj.verified.add(index)
+            if crc is None:
+                obj.crcs.pop(index, None)
+            else:
+                obj.crcs[index] = crc
             self._space.mark_used(obj)
 
     # -- reading -----------------------------------------------------------------
@@ -145,6 +165,8 @@ class Blocks:
         """The data file of a complete, fully verified object, or None."""
         if not obj.complete or obj.retired:
             return None
+        if not self.verify_digest(obj):  # checks unverified blocks on the way
+            return None
         if len(obj.verified) != obj.header.block_count and self.verify(obj):
             return None
         obj.handed_out = True
@@ -172,6 +194,154 @@ class Blocks:
             self.discard(obj, bad)
         return bad
 
+    # -- the origin's digest -----------------------------------------------------
+
+    def learn_digest(self, obj: CachedObject, digest: Digest) -> None:
+        """Give an object made without its origin's digest (from a peer's request, or
+        before digests were recorded) that digest. The meta file gets it when the
+        object is verified; until then a restart learns it again from the origin."""
+        with self._lock:
+            if obj.header.digest is None:
+                obj.header = dataclasses.replace(obj.header, digest=digest)
+
+    def origin_only(self, object_id: str) -> bool:
+        """Whether the object's copy failed its origin's digest: its blocks are then
+        fetched from the origin only, never from peers, until it matches."""
+        return object_id in self._mismatches
+
+    def verify_digest(self, obj: CachedObject) -> bool:
+        """Check a complete object against its origin's digest, once; record success.
+
+        True when it matches (or there is no digest it can be checked against).
+        False when a block failed its own checksum, or the object matched no more
+        and every block was dropped: the caller fetches them again (from the origin:
+        ``origin_only``). A second mismatch after that raises IntegrityError.
+        """
+        digest = obj.header.digest
+        if digest is None or obj.digest_ok or not digests.verifiable(digest):
+            return True
+        with obj.digest_lock:  # one check per object; others wait for its outcome
+            if obj.digest_ok:
+                return True
+            checked = dict(obj.present)
+            actual = self._object_digest(obj, digests.Whole(digest))
+            if actual is None:
+                return False
+            if actual == digest.value:
+                return self._record_verified(obj, digest.algorithm, checked)
+            repeated = obj.id in self._mismatches
+            self._mismatches[obj.id] = actual
+            log.warning(
+                "%s: the cached copy does not match the origin's %s digest (the origin "
+                "says %s, the bytes give %s); dropping it%s",
+                obj.header.url,
+                digest.algorithm,
+                digest.value,
+                actual,
+                "" if repeated else " and fetching it again from the origin",
+            )
+            self.discard(obj, sorted(obj.present))
+            if repeated:
+                raise IntegrityError(
+                    f"{obj.header.url}: fetched again from the origin, the object still "
+                    f"does not match the {digest.algorithm} digest the origin publishes for "
+                    f"it (the origin says {digest.value}, its bytes give {actual}); the "
+                    "object at the origin is damaged or its published checksum is wrong: "
+                    "upload it again (or fix its checksum) at the origin, then read it again"
+                )
+        return False
+
+    def _object_digest(self, obj: CachedObject, whole: digests.Whole) -> str | None:
+        """The object's digest, from its blocks' CRCs where known, else from its bytes
+        (one pass, checking unverified blocks' xxh3 on the way).
+
+        None if a block failed its checksum (discarded) or went missing, or the file
+        was replaced by another process (forgotten).
+        """
+        buffer: memoryview | None = None
+        bad = []
+        for index in range(obj.header.block_count):
+            start, end = obj.header.block_span(index)
+            checksum = obj.present.get(index)
+            if checksum is None:
+                return None  # discarded meanwhile: refetched, then checked again
+            crc = obj.crcs.get(index)
+            if whole.combines and crc is not None and index in obj.verified:
+                whole.add_crc(crc, end - start)
+                continue
+            if buffer is None:
+                buffer = memoryview(bytearray(obj.header.block_size))
+            view = buffer[: end - start]
+            ok = _pread_exact(obj.data_path, view, start, obj.inode)
+            if ok is None:
+                self._forget(obj)
+                return None
+            if not ok or (index not in obj.verified and xxhash.xxh3_64_intdigest(view) != checksum):
+                bad.append(index)
+                continue
+            obj.verified.add(index)
+            crc = whole.add_bytes(view)
+            if crc is not None:
+                obj.crcs[index] = crc
+        if bad:
+            self.discard(obj, bad)
+            return None
+        return whole.hexdigest()
+
+    def _record_verified(self, obj: CachedObject, algorithm: str, checked: dict[int, int]) -> bool:
+        """Note that the blocks ``checked`` matched the digest, in memory and in the
+        meta file: a record appended, or the file rewritten with a header that has the
+        digest when the object learnt it after it was made."""
+        record = layout.encode_verified(algorithm, checked)
+        with obj.lock.exclusive(), obj.append_lock:
+            with self._lock:
+                if obj.retired or obj.present != checked:
+                    return False  # repaired or refilled meanwhile: check again
+                header = layout.encode_header(obj.header)
+            try:
+                raw = obj.meta_path.read_bytes()
+                if raw.startswith(header):
+                    with open(obj.meta_path, "ab") as meta:
+                        meta.write(record)
+                else:
+                    layout.write_file_atomic(
+                        obj.meta_path, header + raw.partition(b"\n")[2] + record
+                    )
+            except OSError as exc:  # verified in this process; a restart checks again
+                log.warning("%s: cannot record its verification: %s", obj.header.url, exc)
+            obj.digest_ok = True
+            self._mismatches.pop(obj.id, None)
+        return True
+
+    def check(
+        self, obj: CachedObject, index: int, buffer: memoryview, paced: Callable[[int], None]
+    ) -> bool | None:
+        """Read block ``index`` again and compare it with its record, verified or not.
+
+        For the scrubber: a verified block is served without a check, so a bit that
+        flips on the disk later is found only this way. The read takes no lock and
+        calls ``paced`` with the size of each chunk it read into ``buffer``; a
+        mismatch is read once more under the object's shared lock, which no repair
+        or refill of a recorded block can hold at the same time, so that a race is
+        not taken for corruption. True: intact. False: corrupt or unreadable, and
+        discarded as a corrupt block a reader finds is. None: nothing to judge (the
+        block, the object or its file went away meanwhile).
+        """
+        checksum = obj.present.get(index)
+        if checksum is None or obj.retired:
+            return None
+        actual = _block_xxh3(obj, index, buffer, paced)
+        if actual is None or actual == checksum:
+            return None if actual is None else True
+        with obj.lock.shared():
+            if obj.retired or obj.present.get(index) != checksum:
+                return None
+            actual = _block_xxh3(obj, index, buffer, _unpaced)
+        if actual is None or actual == checksum:
+            return None if actual is None else True
+        self.discard(obj, [index])
+        return False
+
     def discard(self, obj: CachedObject, indices: Sequence[int]) -> None:
         """Forget corrupt blocks. A file someone may hold is repaired into a new file."""
         with self._lock:
@@ -180,6 +350,9 @@ class Blocks:
             # A complete file may be mapped by a reader in any process (open_local),
             # a linked one is in a view: repair those into a new file, never in place.
             held = obj.handed_out or obj.complete or _link_count(obj.data_path) > 1
+            obj.digest_ok = False  # other blocks now: the whole is checked again
+            for index in indices:
+                obj.crcs.pop(index, None)
         log.warning(
             "%s: blocks %s failed verification; fetching them again",
             obj.header.url,
@@ -245,6 +418,42 @@ class Blocks:
             obj.handed_out = False
         shutil.rmtree(retired, ignore_errors=True)
         return True
+
+
+def _block_xxh3(
+    obj: CachedObject, index: int, buffer: memoryview, paced: Callable[[int], None]
+) -> int | None:
+    """The xxh3-64 of block ``index`` as ``obj``'s file holds it, read in chunks.
+
+    _UNREADABLE on an I/O error or a short read (the block fails); None when the
+    file is missing or is another file than ours (another process replaced it).
+    """
+    start, end = obj.header.block_span(index)
+    try:
+        fd = os.open(obj.data_path, os.O_RDONLY)
+    except OSError:
+        return None
+    hasher = xxhash.xxh3_64()
+    try:
+        if os.fstat(fd).st_ino != obj.inode:
+            return None
+        offset = start
+        while offset < end:
+            got = os.preadv(fd, [buffer[: end - offset]], offset)
+            if got == 0:
+                return _UNREADABLE
+            hasher.update(buffer[:got])
+            offset += got
+            paced(got)
+    except OSError:
+        return _UNREADABLE
+    finally:
+        os.close(fd)
+    return hasher.intdigest()
+
+
+def _unpaced(_size: int) -> None:
+    """A read that goes as fast as the disk: the confirming read of a failed block."""
 
 
 def _pread_exact(path: Path, into: memoryview, offset: int, inode: int) -> bool | None:

@@ -135,6 +135,7 @@ def load_object(tier: Tier, directory: Path) -> CachedObject | None:
         header=header,
         tier=tier,
         present=blocks,
+        digest_ok=layout.verified_record(raw, header, blocks),  # a restart does not check again
         charged=layout.PAGE + sum(block_charge(header, i) for i in blocks),
         last_used=used,
         inode=data.st_ino,

@@ -17,6 +17,7 @@ from pathlib import Path
 from cachefs.node import layout
 from cachefs.node.config import TierConfig
 from cachefs.node.layout import ObjectHeader
+from cachefs.node.store.digests import verifiable
 
 
 class SharedLock:
@@ -61,6 +62,10 @@ class CachedObject:
     tier: Tier
     present: dict[int, int] = field(default_factory=dict)
     verified: set[int] = field(default_factory=set)
+    # Each verified block's CRC in the algorithm of the origin's digest, when that
+    # combines per block; and whether the complete object matched the digest.
+    crcs: dict[int, int] = field(default_factory=dict)
+    digest_ok: bool = False
     charged: int = 0
     last_used: float = field(default_factory=time.time)
     users: int = 0
@@ -70,6 +75,7 @@ class CachedObject:
     inode: int = 0
     lock: SharedLock = field(default_factory=SharedLock)
     append_lock: threading.Lock = field(default_factory=threading.Lock)
+    digest_lock: threading.Lock = field(default_factory=threading.Lock)  # one check at a time
 
     @property
     def id(self) -> str:
@@ -90,6 +96,19 @@ class CachedObject:
     @property
     def complete(self) -> bool:
         return len(self.present) == self.header.block_count
+
+    @property
+    def verification(self) -> str:
+        """What the object is checked against: its origin's digest algorithm once the
+        complete object matched it, "pending" before, "blocks" when the origin
+        publishes no digest (each block's xxh3 only), "unverifiable" when it publishes
+        one that cannot be checked against the bytes (an S3 composite checksum)."""
+        digest = self.header.digest
+        if digest is None:
+            return "blocks"
+        if not verifiable(digest):
+            return "unverifiable"
+        return digest.algorithm if self.digest_ok else "pending"
 
     @property
     def cached_bytes(self) -> int:

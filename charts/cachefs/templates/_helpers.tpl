@@ -62,10 +62,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/* Whether the node calls the Kubernetes API (membership, Node labels). */}}
-{{- define "cachefs.usesKubernetesApi" -}}
-{{- if or (eq (include "cachefs.membership" .) "kubernetes") (include "cachefs.labelsNodes" .) }}true{{ end }}
-{{- end }}
-
 {{- define "cachefs.membership" -}}
 {{- (.Values.config.cluster | default dict).membership | default "kubernetes" }}
 {{- end }}
@@ -98,7 +94,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The node's config file, built from the values. */}}
 {{- define "cachefs.config" -}}
 {{- $root := include "cachefs.cacheRoot" . }}
-{{- $config := deepCopy (omit .Values.config "server" "cluster" "csi") }}
+{{- $config := deepCopy (omit .Values.config "server" "cluster" "csi" "policy") }}
+{{- /* The chart's own components (CSI plugin, prefetch Jobs) hold the cluster token. */}}
+{{- $policy := list (dict "callers" (list "cluster") "allow" (list "all")) }}
+{{- $_ := set $config "policy" (concat $policy (.Values.config.policy | default list)) }}
 {{- $tiers := list }}
 {{- $memory := .Values.cache.memory }}
 {{- if $memory.enabled }}
