@@ -30,14 +30,14 @@ class Authenticator:
         self._cluster_token = cluster_token.encode() if cluster_token else None
         self._pod_tokens = pod_tokens
         # The unix socket whose relay is this listener's only client (its peers are
-        # looked up by loopback port); None for the TCP listener.
+        # looked up by the address gRPC reports); None for the TCP listener.
         self.local_socket: LocalSocket | None = None
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
         metadata = dict(context.invocation_metadata() or ())
         local = None
         if self.local_socket is not None:
-            local = self.local_socket.caller_at(_peer_port(context.peer()))
+            local = self.local_socket.caller_at(context.peer())
             if local is None:  # only the socket's own relay may reach this listener
                 raise Unauthenticated("connect through the node's unix socket")
         presented = metadata.get(METADATA_KEY)
@@ -63,9 +63,3 @@ class Authenticator:
             "no token was presented: TCP clients must present the node's token "
             "(CACHEFS_TOKEN) or a pod token (CACHEFS_POD_TOKEN_FILE)"
         )
-
-
-def _peer_port(peer: str) -> int:
-    """The port of a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``)."""
-    _, _, port = peer.rpartition(":")
-    return int(port) if port.isdigit() else -1

@@ -15,6 +15,8 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,6 +105,8 @@ class Node:
         self.calls = CallStats()
         self._pod_tokens = PodTokens(config.cluster.kubernetes_api_url, config.cluster.kubeconfig)
         self._local_socket: LocalSocket | None = None
+        self._socket_file: tuple[int, int] | None = None  # (device, inode) this node bound
+        self._relay_dir: Path | None = None
         self.health = health.HealthServicer()
         self.servers: list[grpc.Server] = []
         self.bound: dict[str, str] = {}
@@ -132,22 +136,25 @@ class Node:
         server_config = self.config.server
         token = read_token()
         if listeners.socket:
-            # The socket is ours (it knows each peer's uid); gRPC listens on loopback
-            # behind it and answers only connections the socket relays.
+            # The socket is ours (it knows each peer's uid); gRPC listens behind it on
+            # a socket in a directory only this process may enter, and answers only
+            # connections the socket relays.
             path = Path(listeners.socket)
             _prepare_socket_path(path)
             authenticator = Authenticator(token, self._pod_tokens)
             server = self._server(authenticator)
-            port = server.add_insecure_port("127.0.0.1:0")
-            if port == 0:
-                raise OSError("cannot listen on a loopback port behind the unix socket")
-            authenticator.local_socket = LocalSocket(path, ("127.0.0.1", port))
+            self._relay_dir = Path(tempfile.mkdtemp(prefix="cachefs-relay-"))  # 0700
+            inner = self._relay_dir / "grpc.sock"
+            if server.add_insecure_port(f"unix:{inner}") == 0:
+                raise OSError(f"cannot listen on {inner} behind the unix socket")
+            authenticator.local_socket = LocalSocket(path, inner)
             self._local_socket = authenticator.local_socket
+            self._socket_file = _file_identity(path)
             server.start()
             self._local_socket.start()
             _secure_socket(path, server_config.socket_mode, server_config.socket_group)
             self.bound["socket"] = f"unix://{path}"
-            self.bound["socket_relay"] = f"127.0.0.1:{port}"  # answers the socket's relay only
+            self.bound["socket_relay"] = f"unix://{inner}"  # answers the socket's relay only
         if listeners.address:
             if token is None:
                 raise PermissionError(
@@ -209,8 +216,13 @@ class Node:
             event.wait()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        if self._local_socket is not None:
-            self._local_socket.path.unlink(missing_ok=True)
+        # A new node may already listen on this path (an upgrade that started it while
+        # this one drained): only the file this node bound is removed.
+        socket_path = self._local_socket.path if self._local_socket is not None else None
+        if socket_path is not None and _file_identity(socket_path) == self._socket_file:
+            socket_path.unlink(missing_ok=True)
+        if self._relay_dir is not None:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
         self.engine.close()
         if self.peers is not None:
             self.peers.close()
@@ -245,6 +257,15 @@ def _prepare_socket_path(path: Path) -> None:
             raise OSError(f"another node already listens on {path}; stop it or pick --socket")
         finally:
             probe.close()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, None if there is none."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _secure_socket(path: Path, mode: int, group: str | None) -> None:
