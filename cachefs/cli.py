@@ -69,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
         "--detach", action="store_true", help="print the node's job id and return at once"
     )
 
+    cancel = commands.add_parser(
+        "cancel",
+        parents=[common],
+        help="stop a prefetch job",
+        description="Stop the node's prefetch job JOB_ID (from prefetch --detach or status): "
+        "nothing new is fetched, the pins it added are released, what it fetched stays cached.",
+    )
+    cancel.add_argument("job_id", metavar="JOB_ID")
+
     listing = commands.add_parser("ls", parents=[common], help="list cached objects")
     listing.add_argument("source", nargs="?", help="only objects under this URL or prefix")
 
@@ -237,6 +246,19 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _cancel(args: argparse.Namespace, out: TextIO) -> int:
+    status = _client(args).cancel(args.job_id)
+    if args.json:
+        _emit(out, {"event": "cancel", "job": status.id, "state": status.state})
+    elif status.state == "cancelled":
+        out.write(f"job {status.id} cancelled; the blocks it fetched stay cached\n")
+    elif status.finished:
+        out.write(f"job {status.id} had already {status.state}\n")
+    else:
+        out.write(f"job {status.id} is stopping: blocks in flight finish first\n")
+    return 0
+
+
 def _ls(args: argparse.Namespace, out: TextIO) -> int:
     from cachefs.units import format_size
 
@@ -296,7 +318,9 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         out.write(
             f"tier {tier.name} ({tier.medium}) {tier.path}: "
             f"{format_size(tier.used)} of {format_size(tier.quota)} used, "
-            f"{format_size(tier.pinned)} pinned, {tier.objects} objects\n"
+            f"{format_size(tier.pinned)} pinned, {tier.objects} objects"
+            + (f"; DEGRADED: {tier.reason}" if tier.state == "degraded" else "")
+            + "\n"
         )
     for holder, count in sorted(status.pins.items()):
         out.write(f"pin {holder}: {count} objects\n")
@@ -432,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prefetch":
             return _prefetch(args, out, err)
+        if args.command == "cancel":
+            return _cancel(args, out)
         if args.command == "ls":
             return _ls(args, out)
         if args.command == "evict":

@@ -7,12 +7,23 @@ so a forked child (a DataLoader worker) never uses its parent's. Every call has 
 deadline. A complete object whose file this host can see is read from the file
 directly; other reads stream 1 MiB chunks into preallocated buffers. Origin
 credentials are never sent: the node reads origins with its own.
+
+A node restarts (an upgrade, a crash) while its clients run. A client that has
+reached its node waits for it to come back, up to ``reconnect_grace`` seconds
+(``CACHEFS_RECONNECT_GRACE``, default 60; 0 turns this off), retrying with backoff
+and jitter: a ``Read`` stream goes on from the exact byte it had reached, at the same
+pinned version (a node that cannot serve that version any more answers
+``VersionChangedError``, never bytes of another), and idempotent calls are asked
+again. An endpoint never reached fails at once, so a wrong one shows immediately.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import math
 import os
+import random
 import re
 import threading
 import time
@@ -23,21 +34,32 @@ import grpc
 
 from cachefs import messages, ranges
 from cachefs.auth import POD_TOKEN_FILE_ENV, metadata, read_pod_token, read_token
-from cachefs.errors import IntegrityError
+from cachefs.errors import IntegrityError, NodeUnavailableError
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
-from cachefs.rpc_errors import from_rpc_error, rebuild
+from cachefs.rpc_errors import ERROR_KEY, from_rpc_error, rebuild
 from cachefs.types import CachedEntry, EvictResult, JobStatus, NodeStatus, ObjectInfo, ViewInfo
 
+log = logging.getLogger("cachefs.client")
+
 TLS_CA_ENV = "CACHEFS_TLS_CA"
+RECONNECT_GRACE_ENV = "CACHEFS_RECONNECT_GRACE"
 DEFAULT_TIMEOUT = 60.0
+# Long enough for a node's drain (shutdown_grace, 30 s by default) plus its restart.
+DEFAULT_RECONNECT_GRACE = 60.0
+# Calls that do the same when sent twice, so a call the node may or may not have
+# seen before it went away can be sent again; a Prefetch (a new job) cannot.
+# (List, a stream, is asked again whole by _listing.)
+_IDEMPOTENT = frozenset({"Stat", "Status", "View", "Unpin", "Evict", "Cancel"})
+_RETRY_FIRST_DELAY = 0.1
+_RETRY_MAX_DELAY = 1.0
 # Streams get longer: the base deadline plus the time to move the bytes at this rate.
 _SLOWEST_RATE = 20 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 _DAY = 24 * 3600.0
 _MAX_MESSAGE = 4 * 1024 * 1024 + 64 * 1024
 _ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
-_clients: dict[tuple[int, str, float, str | None, str | None, str | None], NodeClient] = {}
+_clients: dict[tuple[int, str, float, str | None, str | None, str | None, float], NodeClient] = {}
 # How long a pod token read from its file is used before the file is read again
 # (kubelet replaces a projected token well before it expires).
 _POD_TOKEN_REREAD = 30.0
@@ -113,17 +135,37 @@ def parse_endpoint(endpoint: str) -> tuple[str, bool]:
     return endpoint, True
 
 
+def reconnect_grace_from_env() -> float:
+    """``CACHEFS_RECONNECT_GRACE`` in seconds, else the default; a bad value says so."""
+    raw = os.environ.get(RECONNECT_GRACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RECONNECT_GRACE
+    try:
+        grace = float(raw)
+    except ValueError:
+        grace = -1.0
+    if not (grace >= 0 and math.isfinite(grace)):
+        raise ValueError(
+            f"{RECONNECT_GRACE_ENV}={raw!r} is not a number of seconds >= 0: how long a "
+            "client waits for a restarting node (0: not at all)"
+        )
+    return grace
+
+
 def get_client(endpoint: str, timeout: float | None = None) -> NodeClient:
     """The process's client of ``endpoint`` (one per process id and token: fork-safe)."""
     _target, tcp = parse_endpoint(endpoint)
     token = read_token()
     ca = os.environ.get(TLS_CA_ENV) if tcp else None
     pod_token_file = os.environ.get(POD_TOKEN_FILE_ENV)
-    key = (os.getpid(), endpoint, timeout or DEFAULT_TIMEOUT, token, ca, pod_token_file)
+    grace = reconnect_grace_from_env()
+    key = (os.getpid(), endpoint, timeout or DEFAULT_TIMEOUT, token, ca, pod_token_file, grace)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = NodeClient(endpoint, timeout, token, ca, pod_token_file)
+            client = _clients[key] = NodeClient(
+                endpoint, timeout, token, ca, pod_token_file, reconnect_grace=grace
+            )
         return client
 
 
@@ -137,13 +179,25 @@ class NodeClient:
         token: str | None = None,
         tls_ca: str | None = None,
         pod_token_file: str | None = None,
+        reconnect_grace: float | None = None,
     ) -> None:
         """``token`` (the cluster token) and the pod token in ``pod_token_file`` are
         presented on every call, and ``tls_ca`` (a PEM file) turns TLS on; each
-        defaults to its environment variable ("" for none)."""
+        defaults to its environment variable ("" for none). ``reconnect_grace`` is how
+        long calls wait for a node that went away (default ``CACHEFS_RECONNECT_GRACE``,
+        else 60 s; 0: fail at once)."""
         self.endpoint = endpoint
         self.target, self.tcp = parse_endpoint(endpoint)
         self.timeout = timeout or DEFAULT_TIMEOUT
+        if reconnect_grace is None:
+            reconnect_grace = reconnect_grace_from_env()
+        if not (reconnect_grace >= 0 and math.isfinite(reconnect_grace)):
+            raise ValueError(f"reconnect_grace must be seconds >= 0, not {reconnect_grace!r}")
+        self.reconnect_grace = float(reconnect_grace)
+        # Only a node this client has reached is waited for: an endpoint that never
+        # answered is more likely wrong than restarting, and says so at once.
+        self._reached = False
+        self._down_since: float | None = None  # when the node was first missed, this outage
         self._token = token if token is not None else read_token()
         self._pod_token_file = (
             pod_token_file if pod_token_file is not None else os.environ.get(POD_TOKEN_FILE_ENV)
@@ -178,10 +232,11 @@ class NodeClient:
             # Connections of this channel only: a forked child must never pick up a
             # connection its parent opened (gRPC shares them process-wide otherwise).
             ("grpc.use_local_subchannel_pool", 1),
-            # A node that restarts is back within seconds: retry connecting that fast.
+            # A node that restarts is back within seconds: retry connecting that fast,
+            # so a call waiting out the reconnect grace sees it within a second.
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 5000),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         if self.tcp:
             if self._tls_ca:
@@ -221,30 +276,107 @@ class NodeClient:
                 self._pod_token = (time.monotonic(), pod_token)
         return metadata(self._token, pod_token)
 
-    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+    def _call(
+        self, method: str, request: Any, timeout: float | None = None, wait_for_ready: bool = False
+    ) -> Any:
+        """One unary call. ``wait_for_ready``: wait (within the deadline) for a channel
+        that is still connecting, rather than fail at once: safe for any call, since
+        none is sent before a connection exists."""
         deadline = timeout or self.timeout
-        stub = self.stub
-        _in_flight.enter()
-        try:
-            return getattr(stub, method)(request, timeout=deadline, metadata=self._metadata())
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.endpoint, deadline) from exc
-        finally:
-            _in_flight.leave()
+        attempt = 0
+        while True:
+            stub = self.stub
+            _in_flight.enter()
+            try:
+                reply = getattr(stub, method)(
+                    request,
+                    timeout=deadline,
+                    metadata=self._metadata(),
+                    wait_for_ready=wait_for_ready,
+                )
+            except grpc.RpcError as exc:
+                if method not in _IDEMPOTENT or not self._may_wait_for(exc):
+                    raise from_rpc_error(exc, self.endpoint, deadline) from exc
+                error = exc
+            else:
+                self._answered()
+                return reply
+            finally:
+                _in_flight.leave()  # not while waiting: a fork may go ahead meanwhile
+            if attempt == 0:
+                log.warning(
+                    "the cachefs node at %s went away (%s); asking again (%s) for up to %g s",
+                    self.endpoint,
+                    _details(error),
+                    method,
+                    self.reconnect_grace,
+                )
+            self._wait_to_retry(error, attempt)
+            attempt += 1
 
-    def _stream(self, method: str, request: Any, timeout: float) -> Iterator[Any]:
+    def _stream(
+        self, method: str, request: Any, timeout: float, resumable: bool = False
+    ) -> Iterator[Any]:
+        """The call's messages. With ``resumable``, a node that went away while this
+        client may wait for it ends the stream with ``_NodeWentAway``: the caller asks
+        again for what it still lacks."""
         stub = self.stub
         _in_flight.enter()
         try:
             call = getattr(stub, method)(request, timeout=timeout, metadata=self._metadata())
             try:
-                yield from call
+                for message in call:
+                    self._answered()
+                    yield message
             finally:
                 call.cancel()  # a consumer that stops early frees the node's side
         except grpc.RpcError as exc:
+            if resumable and self._may_wait_for(exc):
+                raise _NodeWentAway(exc) from exc
             raise from_rpc_error(exc, self.endpoint, timeout) from exc
         finally:
             _in_flight.leave()
+
+    # -- waiting for a node that went away -----------------------------------------
+
+    def _answered(self) -> None:
+        """The node answered: it is reachable, and any outage is over."""
+        self._reached = True
+        self._down_since = None
+
+    def _may_wait_for(self, error: grpc.RpcError) -> bool:
+        """Whether ``error`` says the node went away (or is stopping) and this client
+        waits for it to come back, rather than an answer of the node's own."""
+        if not self._reached or self.reconnect_grace <= 0 or not isinstance(error, grpc.Call):
+            return False
+        kind = dict(error.trailing_metadata() or ()).get(ERROR_KEY)
+        if kind:  # the node's own answer: only "I am shutting down" means come back later
+            return kind == NodeUnavailableError.__name__
+        # UNAVAILABLE: no connection, or a draining node refusing; CANCELLED: a drain
+        # that ended the call, or a connection that broke mid-stream.
+        return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+    def _wait_to_retry(self, error: grpc.RpcError, attempt: int) -> None:
+        """Sleep a jittered, growing delay before asking again; once the node has been
+        unreachable for the whole grace, raise an error that says so."""
+        now = time.monotonic()
+        with self._lock:
+            if self._down_since is None:
+                self._down_since = now
+            down_for = now - self._down_since
+        left = self.reconnect_grace - down_for
+        if left <= 0:
+            raise NodeUnavailableError(
+                f"the cachefs node at {self.endpoint} has been unreachable for "
+                f"{down_for:.0f} s, longer than the reconnect grace ({self.reconnect_grace:g} s, "
+                f"{RECONNECT_GRACE_ENV}; last error: {_details(error)}); check that "
+                "`cachefs node` runs there and restarts cleanly (its log, or the cachefs pod "
+                "on this host), and that CACHEFS_ENDPOINT names it; raise "
+                f"{RECONNECT_GRACE_ENV} if its restarts take longer"
+            ) from error
+        # Full jitter: clients of one node that restarts do not come back in step.
+        ceiling = min(_RETRY_MAX_DELAY, _RETRY_FIRST_DELAY * 2 ** min(attempt, 16))
+        time.sleep(min(left, random.uniform(0, ceiling)))
 
     # -- objects -------------------------------------------------------------------
 
@@ -263,8 +395,22 @@ class NodeClient:
         # Reads name the object as the caller did (a signed URL stays signed).
         return messages.object_info(reply, handle=url)
 
+    def _listing(self, request: pb.ListRequest) -> list[pb.Entry]:
+        """Every entry of a List stream; asked again from the start if the node goes
+        away meanwhile (a listing is idempotent)."""
+        attempt = 0
+        while True:
+            try:
+                entries: list[pb.Entry] = []
+                for batch in self._stream("List", request, self.timeout, resumable=True):
+                    entries.extend(batch.entries)
+                return entries
+            except _NodeWentAway as gone:
+                self._wait_to_retry(gone.error, attempt)
+                attempt += 1
+
     def ls(self, url: str) -> list[dict[str, Any]]:
-        reply = self._call("List", pb.ListRequest(url=url))
+        entries = self._listing(pb.ListRequest(url=url))
         return [
             {
                 "name": e.name,
@@ -272,7 +418,7 @@ class NodeClient:
                 "type": e.type,
                 **({"version": e.version} if e.version else {}),
             }
-            for e in reply.entries
+            for e in entries
         ]
 
     def local_path(self, info: ObjectInfo) -> str | None:
@@ -315,16 +461,41 @@ class NodeClient:
             )
 
     def _read_chunks(self, info: ObjectInfo, start: int, length: int) -> Iterator[bytes]:
-        request = pb.ReadRequest(
-            url=info.handle or info.url,
-            version=info.version,
-            size=info.size,
-            offset=start,
-            length=length,
-            chunk_size=CHUNK_SIZE,
-        )
-        for chunk in self._stream("Read", request, self._stream_timeout(length)):
-            yield chunk.data
+        """The range's bytes as they arrive. If the node goes away mid-stream, the rest
+        is asked for once it is back: from the exact byte reached, at the version this
+        read is pinned to (never "the current one", which could splice two versions)."""
+        received = 0
+        attempt = 0
+        while received < length:
+            request = pb.ReadRequest(
+                url=info.handle or info.url,
+                version=info.version,
+                size=info.size,
+                offset=start + received,
+                length=length - received,
+                chunk_size=CHUNK_SIZE,
+            )
+            timeout = self._stream_timeout(length - received)
+            try:
+                for chunk in self._stream("Read", request, timeout, resumable=bool(info.version)):
+                    received += len(chunk.data)
+                    attempt = 0
+                    yield chunk.data
+                return
+            except _NodeWentAway as gone:
+                if attempt == 0:
+                    log.warning(
+                        "the cachefs node at %s went away while reading %s (%s); resuming at "
+                        "byte %d of version %s once it is back (waiting up to %g s)",
+                        self.endpoint,
+                        info.url,
+                        _details(gone.error),
+                        start + received,
+                        info.version,
+                        self.reconnect_grace,
+                    )
+                self._wait_to_retry(gone.error, attempt)
+                attempt += 1
 
     def _stream_timeout(self, length: int) -> float:
         return self.timeout + length / _SLOWEST_RATE
@@ -364,9 +535,11 @@ class NodeClient:
             return started
         return self.wait(started.id, progress)
 
-    def start_job(self, request: pb.PrefetchRequest) -> JobStatus:
-        """Start a prefetch job as ``request`` describes it; its first status."""
-        return messages.job_status(self._call("Prefetch", request))
+    def start_job(self, request: pb.PrefetchRequest, wait_for_ready: bool = False) -> JobStatus:
+        """Start a prefetch job as ``request`` describes it; its first status.
+        ``wait_for_ready``: a node whose channel is reconnecting (it just restarted) is
+        waited for, within the client's timeout."""
+        return messages.job_status(self._call("Prefetch", request, wait_for_ready=wait_for_ready))
 
     def job(self, job_id: str) -> JobStatus | None:
         """A job's latest status, or None when the node does not know it (restarted)."""
@@ -400,9 +573,12 @@ class NodeClient:
             raise rebuild(last.error_kind or "", last.error or f"the prefetch {last.state}")
         return last
 
+    def cancel(self, job_id: str) -> JobStatus:
+        return messages.job_status(self._call("Cancel", pb.JobRef(id=job_id)))
+
     def cached(self, source: str | None = None) -> list[CachedEntry]:
-        reply = self._call("List", pb.ListRequest(url=source or "", cached=True))
-        return [messages.cached_entry(e) for e in reply.entries]
+        entries = self._listing(pb.ListRequest(url=source or "", cached=True))
+        return [messages.cached_entry(e) for e in entries]
 
     def evict(self, sources: Sequence[str]) -> EvictResult:
         reply = self._call("Evict", pb.EvictRequest(sources=list(sources)))
@@ -423,6 +599,20 @@ class NodeClient:
 
     def status(self) -> NodeStatus:
         return messages.node_status(self._call("Status", pb.StatusRequest()))
+
+
+class _NodeWentAway(Exception):
+    """A resumable stream broke because the node went away (never leaves this module)."""
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        super().__init__(_details(error))
+        self.error = error
+
+
+def _details(error: grpc.RpcError) -> str:
+    """What gRPC said about a failed call, for a log line or a message."""
+    details = error.details() if isinstance(error, grpc.Call) else None
+    return details or str(error)
 
 
 def close_clients() -> None:

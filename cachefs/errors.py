@@ -55,9 +55,25 @@ class OriginUnavailableError(CacheError, ConnectionError):
 
 
 class TransientOriginError(CacheError):
-    """One origin request failed in a way worth retrying (5xx, throttling, reset)."""
+    """One origin request failed in a way worth retrying (5xx, throttling, reset).
+
+    ``retry_after``: the seconds the origin asked to wait (``Retry-After``);
+    ``throttled``: it said to slow down (429, S3 ``SlowDown``)."""
 
     code = errno.EAGAIN
+
+    def __init__(
+        self, message: str, retry_after: float | None = None, throttled: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.throttled = throttled
+
+
+class JobCancelledError(CacheError):
+    """A prefetch job was cancelled (``cachefs cancel``); what it fetched stays cached."""
+
+    code = errno.ECANCELED
 
 
 class IntegrityError(CacheError):

@@ -111,6 +111,8 @@ class TierStatus:
     pinned: int
     objects: int
     evictions: int
+    state: str = "ok"  # "degraded": its disk failed; it takes no new data until it recovers
+    reason: str = ""  # why it is degraded
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,10 @@ class CacheClient(Protocol):
     ) -> JobStatus:
         """Fetch every object of ``sources``; the final status (or the first, detached).
         ``cluster``: onto every node of the node's cluster."""
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Stop a prefetch job: nothing new is fetched, the pins it added are released,
+        what it fetched stays cached; its status once it stopped."""
 
     def cached(self, source: str | None = None) -> list[CachedEntry]:
         """Cached objects (every version), sorted by URL; only those ``source`` names."""

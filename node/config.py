@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ _RESERVED_ENV = {
     "CACHEFS_TOKEN",
     "CACHEFS_TOKEN_FILE",
     "CACHEFS_TLS_CA",
+    "CACHEFS_RECONNECT_GRACE",
+    "CACHEFS_POD_TOKEN_FILE",
     "CACHEFS_TEST_CRASH_AT",
     "CACHEFS_TEST_CORRUPT_PEER_BLOCKS",
 }
@@ -55,10 +58,19 @@ class OriginConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
+    """How origin requests are retried, bounded and given up on (docs/reliability.md)."""
+
     attempts: int = 5
     base_delay: float = 0.1
     max_delay: float = 5.0
-    timeout: float = 60.0
+    timeout: float = 60.0  # seconds one socket read or connect may take
+    # A block's GET must bring at least this many bytes per second (after ``timeout``
+    # of grace), or it is abandoned and retried: a dripping body cannot hold a fill.
+    min_rate: float = 1024 * 1024
+    throttle_delay: float = 1.0  # least wait after 429/503 SlowDown without Retry-After
+    max_retry_after: float = 120.0  # a longer Retry-After fails the request at once
+    breaker_failures: int = 5  # failed requests in a row that open a host's breaker (0: off)
+    breaker_cooldown: float = 10.0  # seconds an open breaker fails fast before a probe
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,9 @@ class Config:
     tiers: tuple[TierConfig, ...]
     block_size: int = DEFAULT_BLOCK_SIZE
     concurrency: int = 16
+    # Origin requests in flight at once, whoever makes them (prefetches, readers,
+    # fills peers forward): the node's bulkhead (node/origins/slots.py).
+    origin_connections: int = 64
     revalidate_after: float = 60.0
     readahead_blocks: int = 4
     group: str | None = None
@@ -195,11 +210,26 @@ def load_config(
     return _build(raw)
 
 
+# What Kubernetes injects for each Service of the namespace (named cachefs...):
+# <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<PORT>], <NAME>_PORT[_<N>_<PROTO>[_<PART>]].
+_SERVICE_LINK = re.compile(
+    r"CACHEFS(_[A-Z0-9_]*)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+
+
 def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, value in environ.items():
         if not name.startswith("CACHEFS_") or name in _RESERVED_ENV:
             continue
+        if "__" not in name and _SERVICE_LINK.fullmatch(name):
+            continue  # a Service's link variable, not ours
         keys = name[len("CACHEFS_") :].lower().split("__")
+        if keys[0] not in _KNOWN_KEYS:
+            raise ValueError(
+                f"{name} names no config key ({keys[0]!r} is not one of "
+                f"{', '.join(sorted(_KNOWN_KEYS))}); unset it or fix its name"
+            )
         target = raw
         for key in keys[:-1]:
             target = target.setdefault(key, {})
@@ -213,6 +243,7 @@ _KNOWN_KEYS = {
     "cache_dir",
     "block_size",
     "concurrency",
+    "origin_connections",
     "revalidate_after",
     "readahead_blocks",
     "group",
@@ -252,6 +283,13 @@ def _build(raw: dict[str, Any]) -> Config:
     concurrency = int(raw.get("concurrency", 16))
     if not 1 <= concurrency <= 256:
         raise ValueError(f"concurrency must be between 1 and 256: {concurrency}")
+    origin_connections = int(raw.get("origin_connections", 64))
+    if not 1 <= origin_connections <= 4096:
+        raise ValueError(
+            f"origin_connections must be between 1 and 4096: {origin_connections} "
+            "(CACHEFS_ORIGIN_CONNECTIONS)"
+        )
+    _check_retry(retry)
     origins = tuple(
         OriginConfig(prefix=str(o["prefix"]), options=dict(o.get("options") or {}))
         for i, o in enumerate(raw.get("origins") or ())
@@ -261,6 +299,7 @@ def _build(raw: dict[str, Any]) -> Config:
         tiers=tiers,
         block_size=block_size,
         concurrency=concurrency,
+        origin_connections=origin_connections,
         revalidate_after=float(raw.get("revalidate_after", 60.0)),
         readahead_blocks=int(raw.get("readahead_blocks", 4)),
         group=str(raw["group"]) if raw.get("group") is not None else None,
@@ -436,6 +475,26 @@ def _check_entry(section: str, index: int, item: Any, known: set[str], required:
     if unknown:
         raise ValueError(f"unknown config keys in {section}[{index}]: {', '.join(sorted(unknown))}")
     return True
+
+
+def _check_retry(retry: RetryConfig) -> None:
+    """Each retry key in its range; the error names the key and its variable."""
+    for key, low in (
+        ("attempts", 1),
+        ("base_delay", 0),
+        ("max_delay", 0),
+        ("timeout", 0.001),
+        ("min_rate", 1),
+        ("throttle_delay", 0),
+        ("max_retry_after", 0),
+        ("breaker_failures", 0),
+        ("breaker_cooldown", 0),
+    ):
+        value = getattr(retry, key)
+        if value < low:
+            raise ValueError(
+                f"retry.{key} must be at least {low}, not {value:g} (CACHEFS_RETRY__{key.upper()})"
+            )
 
 
 def _check_key(section: str, key: str, cls: type) -> bool:

@@ -105,6 +105,9 @@ class EmbeddedClient:
     def evict(self, sources: Sequence[str]) -> EvictResult:
         return self.service.evict(IN_PROCESS, sources)
 
+    def cancel(self, job_id: str) -> JobStatus:
+        return self.service.cancel(IN_PROCESS, job_id)
+
     def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
         return self.service.unpin(IN_PROCESS, holder, sources)
 

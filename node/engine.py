@@ -21,7 +21,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,11 +32,17 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from cachefs import ranges
-from cachefs.errors import IntegrityError, QuotaExceededError, VersionChangedError
+from cachefs.errors import (
+    IntegrityError,
+    JobCancelledError,
+    QuotaExceededError,
+    VersionChangedError,
+)
 from cachefs.node import faults
 from cachefs.node.config import Config
 from cachefs.node.flights import Flights
-from cachefs.node.store.block_writer import BlockWriter
+from cachefs.node.store import health
+from cachefs.node.store.block_writer import BlockLost, BlockWriter
 from cachefs.types import JobStatus
 
 if TYPE_CHECKING:
@@ -49,9 +56,13 @@ from cachefs.units import format_size
 from cachefs.urls import object_id, parse_url
 
 _MAX_ATTEMPTS = 3
+_CANCEL_POLL = 0.1  # seconds between looks at a prefetch's cancel flag
 log = logging.getLogger("cachefs.engine")
 _SEQUENTIAL_TRACKED = 1024
 _KNOWN_REFS = 4096
+# Stats kept for ``revalidate_after``, least recently used dropped first: a node that
+# serves many objects must not keep one entry per URL it ever saw.
+_STAT_CACHE_ENTRIES = 16384
 
 
 @dataclass
@@ -91,7 +102,9 @@ class Progress:
 class Filled:
     """How a block fill ended: where its bytes came from, and them if uncached."""
 
-    source: str  # "origin", "peer", or "local" (another fill got there first)
+    # "origin", "peer", "local" (another fill got there first), or "skipped" (its
+    # prefetch was cancelled or failed before it started: nothing was filled)
+    source: str
     data: bytearray | None = None  # set when no tier had room: served without caching
 
 
@@ -157,7 +170,7 @@ class Engine:
         self.origin = Origin(config, options, observe=self.stats.observe_origin)
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cachefs-fill")
         self._flights: Flights[tuple[str, int], Filled] = Flights(self._pool)
-        self._stat_cache: dict[str, tuple[float, ObjectRef]] = {}
+        self._stat_cache: OrderedDict[str, tuple[float, ObjectRef]] = OrderedDict()
         # Refs handed out recently, by object id: a reader in another process that
         # pinned one gets it back whole (with the ETag its fills must carry).
         self._known_refs: OrderedDict[str, ObjectRef] = OrderedDict()
@@ -173,7 +186,10 @@ class Engine:
         """The object's current version, from cache until ``revalidate_after`` passes."""
         parsed = parse_url(url)
         now = time.monotonic()
-        cached = self._stat_cache.get(parsed.canonical)
+        with self._refs_lock:
+            cached = self._stat_cache.get(parsed.canonical)
+            if cached is not None:
+                self._stat_cache.move_to_end(parsed.canonical)
         if cached is not None and now - cached[0] < self.config.revalidate_after:
             # Same object, but fetch with this caller's URL (its own presigned query).
             ref = dataclasses.replace(cached[1], url=parsed)
@@ -207,8 +223,11 @@ class Engine:
         return current
 
     def _remember(self, ref: ObjectRef, now: float) -> None:
-        self._stat_cache[ref.canonical] = (now, ref)
         with self._refs_lock:
+            self._stat_cache[ref.canonical] = (now, ref)
+            self._stat_cache.move_to_end(ref.canonical)
+            while len(self._stat_cache) > _STAT_CACHE_ENTRIES:
+                self._stat_cache.popitem(last=False)
             self._known_refs[ref.id] = ref
             self._known_refs.move_to_end(ref.id)
             while len(self._known_refs) > _KNOWN_REFS:
@@ -216,9 +235,10 @@ class Engine:
 
     def _forget_stat(self, ref: ObjectRef) -> None:
         """Drop the cached stat of ``ref``'s URL if it still names ``ref``'s version."""
-        cached = self._stat_cache.get(ref.canonical)
-        if cached is not None and cached[1].version == ref.version:
-            self._stat_cache.pop(ref.canonical, None)
+        with self._refs_lock:
+            cached = self._stat_cache.get(ref.canonical)
+            if cached is not None and cached[1].version == ref.version:
+                del self._stat_cache[ref.canonical]
 
     def header(self, ref: ObjectRef) -> ObjectHeader:
         obj = self.store.get(ref.id)
@@ -322,7 +342,9 @@ class Engine:
         low, high = max(start, block_start), min(start + len(into), block_end)
         dest = into[low - start : high - start]
         for _attempt in range(_MAX_ATTEMPTS):
-            filled = future.result() if future is not None else None
+            filled = self._outcome(ref, obj, index, future) if future is not None else None
+            if filled is not None and filled.source == "skipped":
+                filled = None  # a cancelled prefetch's fill that never started
             if filled is not None and filled.data is not None:
                 dest[:] = memoryview(filled.data)[low - block_start : high - block_start]
                 self.stats.served(filled.source, high - low)
@@ -337,6 +359,24 @@ class Engine:
             f"{ref.canonical}: block {index} could not be read back intact after "
             f"{_MAX_ATTEMPTS} attempts; check the cache disk"
         )
+
+    def _outcome(
+        self, ref: ObjectRef, obj: CachedObject | None, index: int, future: Future[Filled]
+    ) -> Filled:
+        """A fill's outcome. One held up past the store's deadline by a disk that hangs
+        is left to finish on its own, and the block is fetched again, uncached."""
+        while True:
+            try:
+                return future.result(timeout=health.IO_DEADLINE)
+            except FutureTimeout:
+                if obj is not None and self.store.stalled(obj):
+                    log.warning(
+                        "%s: block %d waits on tier %r, whose disk hangs; fetching it again",
+                        ref.canonical,
+                        index,
+                        obj.tier.name,
+                    )
+                    return self._fill(ref, None, index)
 
     def _holding(self, obj: CachedObject | None) -> AbstractContextManager[Any]:
         return self.store.in_use(obj) if obj is not None else nullcontext()
@@ -353,7 +393,9 @@ class Engine:
         a peer asked this node to fill it, so no other owner is asked.
         """
         if obj is not None and index in obj.present and not obj.retired:
-            return Filled("local")
+            if not self.store.stalled(obj):
+                return Filled("local")
+            obj = None  # its disk hangs: fetched again, served uncached
         header = obj.header if obj else self.header(ref)
         start, end = header.block_span(index)
         with self._holding(obj):  # no eviction between placing, reserving and writing
@@ -371,7 +413,12 @@ class Engine:
                 if isinstance(exc, VersionChangedError):
                     self._forget_stat(ref)  # so opening it again sees the new version
                 raise
-            data = writer.commit() if writer is not None else sink.buffer  # type: ignore[union-attr]
+            try:
+                data = writer.commit() if writer is not None else sink.buffer  # type: ignore[union-attr]
+            except BlockLost:  # the disk failed under it: the block again, into memory
+                sink = BufferSink(end - start)
+                self.origin.read(ref, start, end, sink)
+                data, peer = sink.buffer, None
         source = "origin" if peer is None else "peer"
         self.stats.fetched(end - start, source)
         if data is None:
@@ -467,7 +514,11 @@ class Engine:
         pin: str | None = None,
         tier: str | None = None,
         progress: Callable[[Progress], None] | None = None,
+        cancelled: threading.Event | None = None,
     ) -> PrefetchResult:
+        """Fetch every block of ``manifest``, many in flight. Once ``cancelled`` is set
+        no new block starts, the pins this call added are released and
+        ``JobCancelledError`` is raised; blocks already fetched stay cached."""
         state = Progress(bytes_total=manifest.size, objects_total=len(manifest.objects))
         log.info(
             "prefetch of %s: %d objects, %d bytes",
@@ -475,8 +526,8 @@ class Engine:
             len(manifest.objects),
             manifest.size,
         )
-        objects = self._place_all(manifest, pin, tier)
-        jobs: list[tuple[ObjectRef, CachedObject, int, Future[Filled]]] = []
+        objects, newly_pinned = self._place_all(manifest, pin, tier)
+        fills: list[tuple[ObjectRef, CachedObject, int]] = []
         remaining: dict[str, int] = {}
         for ref, obj in objects:
             missing = [i for i in range(obj.header.block_count) if i not in obj.present]
@@ -484,51 +535,39 @@ class Engine:
             state.bytes_done += obj.cached_bytes
             if not missing:
                 state.objects_done += 1
-            for index in missing:
-                work = partial(self._fill, ref, obj, index)
-                jobs.append((ref, obj, index, self._flights.submit((ref.id, index), work)))
+            fills.extend((ref, obj, index) for index in missing)
         cached_before = state.bytes_done
         if progress:
             progress(dataclasses.replace(state))
-        lock = threading.Condition()
         uncached: list[str] = []
-        settled = [0]
 
-        def on_done(ref: ObjectRef, obj: CachedObject, index: int, future: Future[Any]) -> None:
-            with lock:
-                try:
-                    if future.cancelled() or future.exception() is not None:
-                        return
-                    start, end = obj.header.block_span(index)
-                    filled = future.result()
-                    if filled.data is not None:
-                        uncached.append(ref.canonical)
-                    state.bytes_done += end - start
-                    if filled.source == "peer":
-                        state.peer_bytes += end - start
-                    elif filled.source == "origin":
-                        state.fetched_bytes += end - start
-                    remaining[ref.id] -= 1
-                    if remaining[ref.id] == 0:
-                        state.objects_done += 1
-                    if progress:  # under the lock: reports arrive one at a time, in order
-                        progress(dataclasses.replace(state))
-                finally:
-                    settled[0] += 1
-                    lock.notify_all()
+        def on_filled(ref: ObjectRef, obj: CachedObject, index: int, filled: Filled) -> None:
+            start, end = obj.header.block_span(index)
+            if filled.data is not None:
+                uncached.append(ref.canonical)
+            state.bytes_done += end - start
+            if filled.source == "peer":
+                state.peer_bytes += end - start
+            elif filled.source == "origin":
+                state.fetched_bytes += end - start
+            remaining[ref.id] -= 1
+            if remaining[ref.id] == 0:
+                state.objects_done += 1
+            if progress:
+                progress(dataclasses.replace(state))
 
-        for ref, obj, index, future in jobs:
-            future.add_done_callback(
-                lambda f, ref=ref, obj=obj, index=index: on_done(ref, obj, index, f)
-            )
-        self._wait_all([job[3] for job in jobs])
-        with lock:  # done callbacks run after wait() returns: let every one land first
-            lock.wait_for(lambda: settled[0] == len(jobs))
+        try:
+            self._fill_all(fills, on_filled, cancelled)
+        except JobCancelledError:
+            if pin is not None and newly_pinned:
+                self.store.unpin(pin, newly_pinned)
+            raise
         if uncached:
             raise QuotaExceededError(
                 f"{len(uncached)} blocks of {uncached[0]} could not be cached: no tier had "
                 "room (quota or disk full) beside pinned and in-use objects; raise the quota, "
                 "free disk space or unpin something"
+                + (f" ({trouble})" if (trouble := self.store.trouble()) else "")
             )
         for ref, _ in objects:
             state.fetched_bytes += self._check_digest(ref, tier)
@@ -552,7 +591,8 @@ class Engine:
 
     def _place_all(
         self, manifest: Manifest, pin: str | None, tier: str | None
-    ) -> list[tuple[ObjectRef, CachedObject]]:
+    ) -> tuple[list[tuple[ObjectRef, CachedObject]], list[str]]:
+        """Every object placed (and pinned); the ids this call pinned anew."""
         placed: list[tuple[ObjectRef, CachedObject]] = []
         newly_pinned: list[str] = []
         try:
@@ -564,30 +604,64 @@ class Engine:
                 if obj is None:
                     raise QuotaExceededError(
                         f"{ref.canonical} ({format_size(ref.size)}) fits in no tier: "
-                        + ", ".join(
-                            f"{t.name} has a quota of {format_size(t.quota)}"
-                            for t in self.store.tiers
+                        + (
+                            self.store.trouble()
+                            or ", ".join(
+                                f"{t.name} has a quota of {format_size(t.quota)}"
+                                for t in self.store.tiers
+                            )
+                            + "; raise a quota or free space"
                         )
-                        + "; raise a quota or free space"
                     )
                 placed.append((ref, obj))
         except BaseException:
             if pin is not None and newly_pinned:
                 self.store.unpin(pin, newly_pinned)
             raise
-        return placed
+        return placed, newly_pinned
 
-    def _wait_all(self, futures: list[Future[Filled]]) -> None:
-        """Wait for every fill; on the first failure cancel what has not started."""
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when="FIRST_EXCEPTION")
-            failed = next((f for f in done if not f.cancelled() and f.exception()), None)
-            if failed is not None:
-                for future in pending:
-                    future.cancel()
-                wait(pending)
-                raise failed.exception()  # type: ignore[misc]
+    def _fill_all(
+        self,
+        fills: Sequence[tuple[ObjectRef, CachedObject, int]],
+        on_filled: Callable[[ObjectRef, CachedObject, int, Filled], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> None:
+        """Fill every (ref, object, block) on the pool; ``on_filled`` runs in this
+        thread as each lands. On the first failure, or once ``cancelled`` is set, the
+        fills not yet started are skipped and this raises at once: fills in flight
+        finish on their own and stay cached."""
+        stop = threading.Event()
+
+        def submit(ref: ObjectRef, obj: CachedObject, index: int) -> Future[Filled]:
+            work = partial(self._fill_unless_stopped, stop, ref, obj, index)
+            return self._flights.submit((ref.id, index), work)
+
+        pending = {submit(*fill): fill for fill in fills}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=_CANCEL_POLL, return_when=FIRST_COMPLETED)
+                if cancelled is not None and cancelled.is_set():
+                    raise JobCancelledError(
+                        "the prefetch was cancelled; the blocks it fetched stay cached"
+                    )
+                for future in done:
+                    fill = pending.pop(future)
+                    filled = future.result()  # a failed fill raises here
+                    if filled.source == "skipped":  # joined another prefetch's, stopped
+                        pending[submit(*fill)] = fill
+                    elif on_filled is not None:
+                        on_filled(*fill, filled)
+        finally:
+            if pending:
+                stop.set()
+
+    def _fill_unless_stopped(
+        self, stop: threading.Event, ref: ObjectRef, obj: CachedObject, index: int
+    ) -> Filled:
+        """A prefetch's fill, which starts only if its prefetch still wants it."""
+        if stop.is_set():
+            return Filled("skipped")
+        return self._fill(ref, obj, index)
 
     def _check_digest(self, ref: ObjectRef, tier: str | None) -> int:
         """Check a complete object against its origin's digest. A copy that fails is
@@ -616,17 +690,17 @@ class Engine:
         obj = self.store.place(self.header(ref), tier)
         if obj is None:
             return 0  # no room for it any more: the next look finds it incomplete
+        fetched = [0]
+
+        def count(_ref: ObjectRef, obj: CachedObject, index: int, filled: Filled) -> None:
+            if filled.source == "origin":
+                start, end = obj.header.block_span(index)
+                fetched[0] += end - start
+
         missing = [i for i in range(obj.header.block_count) if i not in obj.present]
         with self.store.in_use(obj):
-            futures = [
-                self._flights.submit((ref.id, i), partial(self._fill, ref, obj, i)) for i in missing
-            ]
-            self._wait_all(futures)
-        return sum(
-            obj.header.block_span(i)[1] - obj.header.block_span(i)[0]
-            for i, future in zip(missing, futures, strict=True)
-            if future.result().source == "origin"
-        )
+            self._fill_all([(ref, obj, i) for i in missing], count)
+        return fetched[0]
 
     # -- whole objects -----------------------------------------------------------
 

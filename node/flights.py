@@ -73,13 +73,19 @@ class Flights(Generic[K, T]):
             return future, True
 
     def _fly(self, key: K, future: Future[T], work: Callable[[], T]) -> None:
+        if not future.set_running_or_notify_cancel():
+            self._land(key, future)
+            return  # cancelled while queued
         try:
-            if not future.set_running_or_notify_cancel():
-                return  # cancelled while queued
-            future.set_result(work())
+            result = work()
         except BaseException as exc:
+            self._land(key, future)
             future.set_exception(exc)
-        finally:
-            with self._lock:
-                if self._flights.get(key) is future:
-                    del self._flights[key]
+        else:
+            self._land(key, future)  # before waiters wake: whoever asks next flies anew
+            future.set_result(result)
+
+    def _land(self, key: K, future: Future[T]) -> None:
+        with self._lock:
+            if self._flights.get(key) is future:
+                del self._flights[key]

@@ -18,21 +18,28 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
+from cachefs.errors import JobCancelledError
 from cachefs.types import JobStatus
 
 log = logging.getLogger("cachefs.jobs")
 _FINISHED_KEPT = 100
+_CANCEL_WAIT = 5.0  # seconds a Cancel call waits for the job to say it stopped
 WATCH_INTERVAL = 0.5
 
-# A job's work: given its id and a function to report progress, its final status.
-Work = Callable[[str, Callable[[JobStatus], None]], JobStatus]
+# A job's work: given its id, a function to report progress and the event that says
+# the job was cancelled, its final status.
+Work = Callable[[str, Callable[[JobStatus], None], threading.Event], JobStatus]
 
 
 class Job:
     """One prefetch running in the node; watchers wait on its changes."""
 
-    def __init__(self, job_id: str, sources: Sequence[str], pin: str | None) -> None:
+    def __init__(
+        self, job_id: str, sources: Sequence[str], pin: str | None, owner: str | None = None
+    ) -> None:
         self.id = job_id
+        self.owner = owner  # who started it (a caller's principal): it may cancel it
+        self.cancelled = threading.Event()
         self._status = JobStatus(job_id, "running", tuple(sources), pin)
         self._changed = threading.Condition()
 
@@ -71,9 +78,11 @@ class JobRegistry:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
-    def start(self, sources: Sequence[str], pin: str | None, work: Work) -> Job:
+    def start(
+        self, sources: Sequence[str], pin: str | None, work: Work, owner: str | None = None
+    ) -> Job:
         """Run ``work`` for a prefetch of ``sources`` in a thread of its own."""
-        job = self._add(sources, pin)
+        job = self._add(sources, pin, owner)
         context = contextvars.copy_context()  # the job's log lines carry the request id
         thread = threading.Thread(
             target=context.run, args=(self._run, job, work), name=f"job-{job.id}", daemon=True
@@ -98,15 +107,15 @@ class JobRegistry:
             progress(status)
 
         try:
-            final = work(job.id, report)
+            final = work(job.id, report, job.cancelled)
         except BaseException as exc:
             job.update(_failed(job.status, exc))
             raise
         job.update(final)
         return job.status
 
-    def _add(self, sources: Sequence[str], pin: str | None) -> Job:
-        job = Job(uuid.uuid4().hex[:16], sources, pin)
+    def _add(self, sources: Sequence[str], pin: str | None, owner: str | None = None) -> Job:
+        job = Job(uuid.uuid4().hex[:16], sources, pin, owner)
         with self._lock:
             self._jobs[job.id] = job
             self._forget_old()
@@ -132,6 +141,7 @@ class JobRegistry:
             jobs = list(self._jobs.values())
         for job in jobs:
             if not job.status.finished:
+                job.cancelled.set()  # and stop fetching for it
                 job.update(
                     dataclasses.replace(
                         job.status,
@@ -142,12 +152,20 @@ class JobRegistry:
                     )
                 )
 
+    def cancel(self, job: Job, timeout: float = _CANCEL_WAIT) -> JobStatus:
+        """Ask ``job`` to stop; its status once it has (or the latest, after
+        ``timeout`` seconds: fills in flight end on their own)."""
+        job.cancelled.set()
+        with job._changed:
+            job._changed.wait_for(lambda: job._status.finished, timeout)
+            return job._status
+
     def _run(self, job: Job, work: Work) -> None:
         try:
-            final = work(job.id, job.update)
+            final = work(job.id, job.update, job.cancelled)
         except Exception as exc:
             job.update(_failed(job.status, exc))
-            log.warning("job %s failed: %s", job.id, job.status.error)
+            log.warning("job %s %s: %s", job.id, job.status.state, job.status.error)
             return
         job.update(final)
         log.info(
@@ -169,6 +187,10 @@ def _failed(status: JobStatus, exc: BaseException) -> JobStatus:
     """``status`` ended by ``exc``: failed, or cancelled when interrupted."""
     if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
         return dataclasses.replace(status, state="cancelled", error="interrupted")
+    if isinstance(exc, JobCancelledError):
+        return dataclasses.replace(
+            status, state="cancelled", error=str(exc), error_kind="JobCancelledError"
+        )
     # Imported on failure only: the table brings grpc, which embedded mode otherwise
     # never loads.
     from cachefs.rpc_errors import kind_of, message_of

@@ -1,6 +1,7 @@
 """Where things live under a tier root, and the per-object metadata file.
 
 ```
+<root>/FORMAT                          {"format": 1}: the cache format this root holds
 <root>/v1/objects/<id[:2]>/<id>/data   sparse file, the object's full size
 <root>/v1/objects/<id[:2]>/<id>/meta   header line (JSON), then one line per present block,
                                        and a line when the whole object matched its digest
@@ -9,6 +10,9 @@
 <root>/v1/trash/...                    retired object directories, removed on start
 ```
 
+A root written by another cache format (its ``FORMAT`` file, or a ``v<N>`` directory
+of another number) is refused, never read or rewritten: ``check_format``. A root
+without ``FORMAT`` but with ``v1`` is format 1, written before the file existed.
 The meta file is append-only while an object fills: a block line is written only
 after the block's bytes are, so a crash leaves at worst a torn last line, which the
 parser ignores. Names on disk are hashes, so no origin key can name a path.
@@ -77,6 +81,34 @@ class ObjectHeader:
 
 def round_up(n: int) -> int:
     return -(-n // PAGE) * PAGE
+
+
+FORMAT_FILE = "FORMAT"
+
+
+def check_format(root: Path) -> None:
+    """Refuse a root another cache format wrote (ValueError says what to do); mark
+    this one as ours."""
+    marker = root / FORMAT_FILE
+    try:
+        found: object = json.loads(marker.read_bytes()).get("format")
+    except FileNotFoundError:
+        numbers = [
+            int(p.name[1:])
+            for p in root.iterdir()
+            if p.is_dir() and p.name[:1] == "v" and p.name[1:].isdigit()
+        ]
+        found = max(numbers, default=FORMAT)
+    except (ValueError, AttributeError):
+        found = "unreadable"
+    if found != FORMAT:
+        raise ValueError(
+            f"cache directory {root} holds cache format {found}, and this cachefs reads "
+            f"format {FORMAT}: run the cachefs release that wrote it, point the tier at "
+            "another directory, or empty this one (cached objects are fetched again)"
+        )
+    if not marker.exists():
+        write_file_atomic(marker, (json.dumps({"format": FORMAT}) + "\n").encode())
 
 
 def objects_dir(root: Path) -> Path:

@@ -113,6 +113,7 @@ class NodeCollector:
         for tier in usage:
             evictions.add_metric([tier.name], tier.evictions)
         yield evictions
+        yield from self._disk_families(CounterMetricFamily, GaugeMetricFamily)
 
         latency = HistogramMetricFamily(
             "cachefs_origin_request_seconds",
@@ -122,6 +123,7 @@ class NodeCollector:
         for operation, histogram in sorted(self._engine.stats.latency().items()):
             latency.add_metric([operation], _cumulative(histogram.counts), histogram.total)
         yield latency
+        yield from self._origin_families(CounterMetricFamily, GaugeMetricFamily)
 
         calls, call_errors = self._calls.snapshot()
         errors = CounterMetricFamily(
@@ -140,7 +142,9 @@ class NodeCollector:
         yield rpcs
 
         if self._peers is not None:
-            yield from self._peer_families(CounterMetricFamily, HistogramMetricFamily)
+            yield from self._peer_families(
+                CounterMetricFamily, HistogramMetricFamily, GaugeMetricFamily
+            )
         if self._scrubber is not None:
             yield from self._scrub_families(CounterMetricFamily, GaugeMetricFamily)
 
@@ -150,7 +154,69 @@ class NodeCollector:
             jobs.add_metric([state], states.get(state, 0))
         yield jobs
 
-    def _peer_families(self, counter: Any, histogram: Any) -> Iterator[Any]:
+    def _disk_families(self, counter: Any, gauge: Any) -> Iterator[Any]:
+        """Each tier's disk: I/O errors, whether it is degraded, operations hung."""
+        health = self._engine.store.health()
+        errors = counter(
+            "cachefs_tier_io_errors",
+            "I/O errors of a tier's disk (EIO, read-only, device gone), by operation",
+            labels=["tier", "operation"],
+        )
+        degraded = gauge(
+            "cachefs_tier_degraded",
+            "1 while a tier takes no new data after repeated I/O errors or a hang",
+            labels=["tier"],
+        )
+        stalled = gauge(
+            "cachefs_tier_stalled_operations",
+            "Disk operations of a tier waiting past the deadline now (the disk hangs)",
+            labels=["tier"],
+        )
+        for tier in health:
+            for operation, count in sorted(tier.errors.items()):
+                errors.add_metric([tier.tier, operation], count)
+            degraded.add_metric([tier.tier], 1 if tier.degraded else 0)
+            stalled.add_metric([tier.tier], tier.stalled)
+        yield errors
+        yield degraded
+        yield stalled
+
+    def _origin_families(self, counter: Any, gauge: Any) -> Iterator[Any]:
+        """The node's origin slots (the bulkhead) and its breakers."""
+        slots, breakers = self._engine.origin.slots, self._engine.origin.breakers
+        in_flight = gauge(
+            "cachefs_origin_requests_in_flight",
+            "Origin requests in flight now, by operation (GETs are read)",
+            labels=["operation"],
+        )
+        now = slots.in_flight()
+        for operation in ("stat", "list", "read"):
+            in_flight.add_metric([operation], now.get(operation, 0))
+        yield in_flight
+        yield gauge(
+            "cachefs_origin_connections_limit",
+            "Origin requests the node allows in flight at once (origin_connections)",
+            value=slots.limit,
+        )
+        yield counter(
+            "cachefs_origin_slot_waits",
+            "Origin requests that waited for a free slot",
+            value=slots.waited,
+        )
+        # Totals only: a host label would name buckets (labels never carry those).
+        state = breakers.snapshot().values()
+        yield gauge(
+            "cachefs_origin_breakers_open",
+            "Origin hosts whose circuit breaker is open now (their requests fail fast)",
+            value=sum(1 for is_open, _ in state if is_open),
+        )
+        yield counter(
+            "cachefs_origin_fail_fast",
+            "Requests failed at once because their host's breaker was open",
+            value=sum(count for _, count in state),
+        )
+
+    def _peer_families(self, counter: Any, histogram: Any, gauge: Any) -> Iterator[Any]:
         stats = self._peers.stats
         with stats.lock:
             blocks = dict(stats.blocks)
@@ -172,6 +238,15 @@ class NodeCollector:
         for peer, (counts, total) in sorted(latency.items()):
             seconds.add_metric([peer], _cumulative(counts), total)
         yield seconds
+        avoided = self._peers.avoided()
+        backing_off = gauge(
+            "cachefs_peer_backoff",
+            "1 while a failed peer is avoided (cluster.backoff seconds after a failure)",
+            labels=["peer"],
+        )
+        for peer in sorted({*avoided, *(p for p, _ in errors)}):
+            backing_off.add_metric([peer], int(peer in avoided))
+        yield backing_off
 
     def _scrub_families(self, counter: Any, gauge: Any) -> Iterator[Any]:
         status = self._scrubber.status()

@@ -2,6 +2,9 @@
 
 A 4xx answer is final (retrying a missing key or a denied request only hides the
 cause); 5xx, throttling, resets and timeouts are retried up to ``attempts`` times.
+An origin that says when to come back (``Retry-After``, in seconds or as a date) is
+waited for that long, up to ``max_retry_after``; one that says to slow down without
+a time (429, S3 ``SlowDown``) is given at least ``throttle_delay``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,23 @@ def backoff_delay(attempt: int, policy: RetryConfig) -> float:
     return random.uniform(0, min(policy.max_delay, policy.base_delay * 2**attempt))
 
 
+def _delay(exc: BaseException, attempt: int, policy: RetryConfig, label: str) -> float:
+    """How long to wait before the next attempt: the back-off, or longer when the
+    origin asked (``Retry-After``) or said to slow down (429, ``SlowDown``)."""
+    delay = backoff_delay(attempt, policy)
+    asked = getattr(exc, "retry_after", None)
+    if asked is not None:
+        if asked > policy.max_retry_after:
+            raise OriginUnavailableError(
+                f"{label}: the origin asks to wait {asked:.0f}s before a retry (Retry-After), "
+                f"longer than retry.max_retry_after ({policy.max_retry_after:g}s); retry later"
+            ) from exc
+        return max(delay, asked)
+    if getattr(exc, "throttled", False):
+        return max(delay, policy.throttle_delay * random.uniform(1.0, 1.5))
+    return delay
+
+
 def call_with_retries(
     fn: Callable[[], T],
     policy: RetryConfig,
@@ -50,7 +70,7 @@ def call_with_retries(
                     f"{label}: the origin kept failing after {policy.attempts} attempts "
                     f"(last: {exc}); check that it is reachable, or retry later"
                 ) from exc
-            delay = backoff_delay(attempt, policy)
+            delay = _delay(exc, attempt, policy, label)
             log.info(
                 "%s; retry %d of %d in %.2fs",
                 exc if label in str(exc) else f"{label}: {exc}",

@@ -43,6 +43,7 @@ log = logging.getLogger("cachefs.server")
 DEFAULT_CHUNK = 1024 * 1024
 MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
+LIST_BATCH = 1000  # entries per List message: about 150 KB, far below the 4 MiB limit
 # Calls logged at debug level: readers make many of them.
 _FREQUENT = {"Stat", "List", "Read", "Status", "WatchJob", "FetchBlock"}
 
@@ -164,13 +165,16 @@ class CacheServicer(pb_grpc.CacheServicer):
     @_rpc
     def List(
         self, request: pb.ListRequest, context: grpc.ServicerContext, call: _Call
-    ) -> pb.ListResponse:
+    ) -> Iterator[pb.ListResponse]:
         if request.cached:
-            entries = self.service.cached(call.caller, request.url or None)
-            return pb.ListResponse(entries=[messages.cached_entry_message(e) for e in entries])
-        return pb.ListResponse(
-            entries=[pb.Entry(**e) for e in self.service.ls(call.caller, request.url)]
-        )
+            cached = self.service.cached(call.caller, request.url or None)
+            entries = [messages.cached_entry_message(e) for e in cached]
+        else:
+            entries = [pb.Entry(**e) for e in self.service.ls(call.caller, request.url)]
+        for start in range(0, len(entries), LIST_BATCH):
+            if not context.is_active():
+                return
+            yield pb.ListResponse(entries=entries[start : start + LIST_BATCH])
 
     @_rpc
     def Read(
@@ -221,6 +225,12 @@ class CacheServicer(pb_grpc.CacheServicer):
             extra={"job": status.id, "pin_holder": request.pin_holder or None},
         )
         return messages.job_message(status)
+
+    @_rpc
+    def Cancel(
+        self, request: pb.JobRef, context: grpc.ServicerContext, call: _Call
+    ) -> pb.JobStatus:
+        return messages.job_message(self.service.cancel(call.caller, request.id))
 
     @_rpc
     def WatchJob(

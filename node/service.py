@@ -13,6 +13,8 @@ embedded mode do the same thing; tests/test_modes.py holds them to it.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,8 @@ from cachefs.types import (
     ViewInfo,
 )
 from cachefs.urls import HTTP_PROTOCOLS, canonical_source, parse_url
+
+log = logging.getLogger("cachefs.node")
 
 if TYPE_CHECKING:
     from cachefs.node.cluster.peers import Peers
@@ -222,7 +226,9 @@ class CacheService:
         return self.jobs.run(
             sources,
             pin,
-            lambda job_id, report: self._prefetch(job_id, report, sources, pin, tier),
+            lambda job_id, report, cancelled: self._prefetch(
+                job_id, report, cancelled, sources, pin, tier
+            ),
             progress or _ignore,
         )
 
@@ -243,10 +249,12 @@ class CacheService:
         if manifest is not None:
             manifest = self._trusted(manifest)
 
-        def work(job_id: str, report: Callable[[JobStatus], None]) -> JobStatus:
-            return self._prefetch(job_id, report, sources, pin, tier, manifest, cluster)
+        def work(
+            job_id: str, report: Callable[[JobStatus], None], cancelled: threading.Event
+        ) -> JobStatus:
+            return self._prefetch(job_id, report, cancelled, sources, pin, tier, manifest, cluster)
 
-        return self.jobs.start(sources, pin, work).status
+        return self.jobs.start(sources, pin, work, owner=caller.principal).status
 
     def _checked_prefetch(
         self,
@@ -301,6 +309,7 @@ class CacheService:
         self,
         job_id: str,
         report: Callable[[JobStatus], None],
+        cancelled: threading.Event,
         sources: list[str],
         pin: str | None,
         tier: str | None,
@@ -319,13 +328,17 @@ class CacheService:
                 tier,
                 report,
                 job_id,
-                run_here=lambda note: self._prefetch(job_id, note, sources, pin, tier, manifest),
+                cancelled,
+                run_here=lambda note: self._prefetch(
+                    job_id, note, cancelled, sources, pin, tier, manifest
+                ),
             )
         result = self.engine.prefetch_manifest(
             manifest,
             pin=pin,
             tier=tier,
             progress=lambda state: report(state.status(job_id, sources, pin)),
+            cancelled=cancelled,
         )
         return result.status(job_id)
 
@@ -336,6 +349,23 @@ class CacheService:
         if not self._may_see(caller, job.status):
             raise FileNotFoundError(f"no job {job_id!r} on this node")
         return job
+
+    def cancel(self, caller: Caller, job_id: str) -> JobStatus:
+        """Stop a job: who started it may, and whoever may manage all its sources.
+        Its status once it has stopped; cancelling a finished job changes nothing."""
+        job = self.job(caller, job_id)
+        if caller.principal != job.owner and not all(
+            self.policy.allows(caller, "manage", canonical_source(s)) for s in job.status.sources
+        ):
+            raise PermissionError(
+                f"refused {caller}: job {job_id} was started by {job.owner}; only it, or a "
+                "caller allowed to manage the job's sources, may cancel it"
+            )
+        if job.status.finished:
+            return job.status
+        status = self.jobs.cancel(job)
+        log.info("job %s cancelled by %s", job_id, caller.principal)
+        return status
 
     def _may_see(self, caller: Caller, status: JobStatus) -> bool:
         return all(self.policy.allows(caller, "read", canonical_source(s)) for s in status.sources)

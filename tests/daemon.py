@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,27 @@ class NodeProcess(CachefsProcess):
     def metrics_url(self) -> str:
         return f"http://{self.serving['metrics_address']}/metrics"
 
+    def scrape(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """The node's metrics now, keyed by (sample name, labels)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples named ``name`` whose labels include ``labels``."""
+        wanted = set(labels.items())
+        return sum(
+            value
+            for (sample, have), value in self.scrape().items()
+            if sample == name and wanted <= have
+        )
+
 
 class CsiProcess(CachefsProcess):
     def __init__(
@@ -138,6 +160,7 @@ class CsiProcess(CachefsProcess):
         publish_timeout: float = 10.0,
         node_id: str = "node-1",
         extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.socket_path = socket_path
         args = [
@@ -155,7 +178,7 @@ class CsiProcess(CachefsProcess):
             *[arg for prefix in allow for arg in ("--allow", prefix)],
             *extra_args,
         ]
-        super().__init__(args, token=None)
+        super().__init__(args, token=None, env=env)
 
 
 def loopback_addresses(count: int) -> list[str]:

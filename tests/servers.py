@@ -238,6 +238,7 @@ class _Fault:
     key: str | None
     bucket: str | None
     methods: tuple[str, ...]
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Retry-After
 
     def matches(self, record: RequestRecord) -> bool:
         return (
@@ -285,10 +286,13 @@ class _Recorder:
         key: str | None,
         bucket: str | None,
         methods: Iterable[str],
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("n must be at least 1")
-        fault = _Fault(n, status, key, bucket, tuple(m.upper() for m in methods))
+        fault = _Fault(
+            n, status, key, bucket, tuple(m.upper() for m in methods), dict(headers or {})
+        )
         with self._lock:
             self._faults.append(fault)
 
@@ -308,12 +312,12 @@ class _Recorder:
         for gate in [gate for gate in gates if gate.matches(record)]:
             gate.hold()
 
-    def _take_fault(self, record: RequestRecord) -> int | None:
+    def _take_fault(self, record: RequestRecord) -> _Fault | None:
         with self._lock:
             for fault in self._faults:
                 if fault.matches(record):
                     fault.remaining -= 1
-                    return fault.status
+                    return fault
         return None
 
     def _ranges(self, records: Iterable[RequestRecord]) -> list[ByteRange | None]:
@@ -387,9 +391,9 @@ class _S3Middleware:
         owner = self.owner
         owner._log(record)
         owner._pass_gates(record)
-        status = owner._take_fault(record)
-        if status is not None:
-            record.status = status
+        fault = owner._take_fault(record)
+        if fault is not None:
+            status = record.status = fault.status
             body = b"" if record.method == "HEAD" else s3_error_body(status, path)
             start_response(
                 f"{status} {HTTPStatus(status).phrase}",
@@ -397,6 +401,7 @@ class _S3Middleware:
                     ("Content-Type", "application/xml"),
                     ("Content-Length", str(len(body))),
                     ("x-amz-request-id", uuid.uuid4().hex[:16].upper()),
+                    *fault.headers.items(),
                 ],
             )
             return [body]
@@ -565,12 +570,14 @@ class S3Server(_Recorder):
         key: str | None = None,
         bucket: str | None = None,
         methods: Iterable[str] = ("GET",),
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Answer the next ``n`` matching object requests with ``status`` and an S3 error.
+        """Answer the next ``n`` matching object requests with ``status`` and an S3 error
+        (and ``headers``, such as a ``Retry-After``).
 
         503 sends SlowDown, 500 InternalError, 403 AccessDenied, 404 NoSuchKey.
         """
-        self._fail_next(n, status, key, bucket, methods)
+        self._fail_next(n, status, key, bucket, methods, headers)
 
     def hold_gets(
         self,
@@ -641,9 +648,12 @@ class S3Bucket:
         status: int = 503,
         key: str | None = None,
         methods: Iterable[str] = ("GET",),
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """Fail the next ``n`` matching requests in this bucket with ``status``."""
-        self.server.fail_next(n, status, key=key, bucket=self.name, methods=methods)
+        self.server.fail_next(
+            n, status, key=key, bucket=self.name, methods=methods, headers=headers
+        )
 
     def hold_gets(
         self,
@@ -674,6 +684,13 @@ class _Reset:
     remaining: int
     path: str | None
     after: int | None
+
+
+@dataclass
+class _Drip:
+    remaining: int
+    path: str | None
+    bytes_per_second: int
 
 
 class _OriginHTTPServer(http.server.ThreadingHTTPServer):
@@ -745,6 +762,7 @@ class RangeHTTPServer(_Recorder):
         self._file_headers: dict[str, dict[str, str]] = {}
         self._files: dict[str, _HttpObject] = {}
         self._resets: list[_Reset] = []
+        self._drips: list[_Drip] = []
         self._connections: set[socket.socket] = set()
         self._last_mtime = 0.0
         self._server: _OriginHTTPServer | None = None
@@ -865,9 +883,20 @@ class RangeHTTPServer(_Recorder):
         status: int = 503,
         path: str | None = None,
         methods: Iterable[str] = ("GET",),
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Answer the next ``n`` matching file requests with ``status``."""
-        self._fail_next(n, status, None if path is None else _normpath(path), None, methods)
+        """Answer the next ``n`` matching file requests with ``status`` (and ``headers``,
+        such as a ``Retry-After``)."""
+        self._fail_next(
+            n, status, None if path is None else _normpath(path), None, methods, headers
+        )
+
+    def drip_next(self, n: int, path: str | None, bytes_per_second: int) -> None:
+        """Send the body of the next ``n`` GETs of ``path`` at ``bytes_per_second``: a
+        stalled origin that still answers every read in time."""
+        target = None if path is None else _normpath(path)
+        with self._lock:
+            self._drips.append(_Drip(n, target, bytes_per_second))
 
     def reset_connection_next(
         self, n: int, path: str | None = None, after: int | None = None
@@ -900,14 +929,22 @@ class RangeHTTPServer(_Recorder):
         """Clear the log, pending faults and resets, and open every gate."""
         with self._lock:
             self._resets.clear()
+            self._drips.clear()
         super().reset()
 
+    def _take_drip(self, record: RequestRecord) -> _Drip | None:
+        return self._take(self._drips, record)
+
     def _take_reset(self, record: RequestRecord) -> _Reset | None:
+        return self._take(self._resets, record)
+
+    def _take(self, pending: list[Any], record: RequestRecord) -> Any:
+        """The first of ``pending`` (resets, drips) still due for ``record``'s path."""
         with self._lock:
-            for reset in self._resets:
-                if reset.remaining > 0 and reset.path in (None, record.path):
-                    reset.remaining -= 1
-                    return reset
+            for item in pending:
+                if item.remaining > 0 and item.path in (None, record.path):
+                    item.remaining -= 1
+                    return item
         return None
 
     # -- request handling
@@ -927,9 +964,9 @@ class RangeHTTPServer(_Recorder):
         )
         self._log(record)
         self._pass_gates(record)
-        status = self._take_fault(record)
-        if status is not None:
-            self._send(handler, record, status, {}, b"injected failure\n", head)
+        fault = self._take_fault(record)
+        if fault is not None:
+            self._send(handler, record, fault.status, fault.headers, b"injected failure\n", head)
             return
         if path.endswith("/"):
             self._serve_index(handler, record, path, head)
@@ -980,6 +1017,10 @@ class RangeHTTPServer(_Recorder):
                 end = size - 1 if end is None else min(end, size - 1)
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
                 status, body = 206, obj.data[start : end + 1]
+        drip = None if head else self._take_drip(record)
+        if drip is not None:
+            self._send_dripping(handler, record, status, headers, body, drip)
+            return
         reset = None if head else self._take_reset(record)
         if reset is not None:
             self._send_truncated(handler, record, status, headers, body, reset)
@@ -1039,6 +1080,27 @@ class RangeHTTPServer(_Recorder):
         self._begin(handler, record, status, headers, len(body))
         if not head and body:
             handler.wfile.write(body)
+
+    def _send_dripping(
+        self,
+        handler: _OriginHandler,
+        record: RequestRecord,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        drip: _Drip,
+    ) -> None:
+        """The body a few bytes at a time, until it ends or the client hangs up."""
+        piece = max(1, drip.bytes_per_second // 20)
+        self._begin(handler, record, status, headers, len(body))
+        try:
+            for offset in range(0, len(body), piece):
+                handler.wfile.write(body[offset : offset + piece])
+                handler.wfile.flush()
+                time.sleep(piece / drip.bytes_per_second)  # the origin's pace, not a wait
+        except OSError:
+            record.aborted = True
+        handler.close_connection = True
 
     def _send_truncated(
         self,

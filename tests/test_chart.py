@@ -255,6 +255,7 @@ def test_only_the_csi_plugin_runs_privileged(chart, case: str) -> None:
     objects = render(chart, CASES[case])
     for spec in pod_specs(objects):
         assert not spec.get("hostNetwork") and not spec.get("hostPID")
+        assert spec["enableServiceLinks"] is False  # no CACHEFS_* from a Service's name
         for container in spec.get("initContainers", []) + spec["containers"]:
             context = container.get("securityContext", {})
             mounts = container.get("volumeMounts", [])

@@ -15,8 +15,10 @@ import pytest
 import yaml
 from daemon import TOKEN
 from helpers import Background
+from servers import wait_for
 
 from cachefs.client import NodeClient
+from cachefs.errors import JobCancelledError
 
 BLOCK = 64 * 1024
 
@@ -189,7 +191,6 @@ def test_a_peer_that_recomputes_checksums_is_caught_by_the_origins_digest(cluste
     gets = s3.gets(key)
     assert len(gets) == _blocks(len(data)) and len(set(gets)) == len(gets)  # the origin's
     assert [e.verified for e in reader.cached()] == ["crc32"]
-    from servers import wait_for  # the log is read by a thread of its own: poll for it
 
     wait_for(lambda: any("does not match the origin's crc32" in line for line in honest.lines))
 
@@ -272,7 +273,6 @@ def test_dns_membership_follows_the_records_without_a_restart(
     start_node, tmp_path, s3, monkeypatch
 ) -> None:
     from dns_server import DnsServer
-    from servers import wait_for
 
     monkeypatch.setenv("CACHEFS_TOKEN", TOKEN)
     hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
@@ -305,7 +305,6 @@ def test_kubernetes_membership_follows_the_endpoint_slices(
     start_node, tmp_path, s3, monkeypatch
 ) -> None:
     from k8s_api import KubeApiServer, endpoint_slice
-    from servers import wait_for
 
     monkeypatch.setenv("CACHEFS_TOKEN", TOKEN)
     hosts = ["127.0.0.1", "127.0.0.2"]
@@ -334,3 +333,19 @@ def test_kubernetes_membership_follows_the_endpoint_slices(
             endpoint_slice("cachefs-a", "cachefs", [(hosts[0], True), (hosts[1], False)], port=port)
         )
         wait_for(lambda: _members(nodes[0]) == {f"{hosts[0]}:{port}"}, timeout=10)
+
+
+def test_a_cancelled_cluster_prefetch_stops_on_every_member(cluster, s3) -> None:
+    nodes = cluster(_addresses(2))
+    files = _model(s3, sizes=(64 * BLOCK,))  # more blocks than both nodes' fills at once
+    key = next(iter(files))
+    coordinator = NodeClient(nodes[0].unix_endpoint)
+    with s3.hold_gets(key, min_start=2 * BLOCK) as gate:
+        started = coordinator.prefetch([s3.url("model/")], cluster=True, detach=True)
+        gate.wait_held()
+        coordinator.cancel(started.id)
+    with pytest.raises(JobCancelledError, match="cancelled on its 2 nodes"):
+        coordinator.wait(started.id)
+    member = NodeClient(nodes[1].unix_endpoint)  # its share ran as a job of its own
+    wait_for(lambda: [j.state for j in member.status().jobs] == ["cancelled"], 30)
+    assert len(set(s3.gets(key))) < 64  # not every block was fetched

@@ -228,6 +228,10 @@ def test_unknown_environment_key_is_rejected(tmp_path: Path) -> None:
         ("tiers:\n  - name: nopath\n", "needs at least a path"),
         ("tiers:\n  - path: /a\n    quota: lots\n", "not a size"),
         ("retry: 3\n", "'retry' must be a mapping"),
+        ("retry: {min_rate: 0}\n", "retry.min_rate must be at least 1, not 0"),
+        ("retry: {attempts: 0}\n", "(CACHEFS_RETRY__ATTEMPTS)"),
+        ("retry: {breaker_cooldown: -1}\n", "retry.breaker_cooldown must be at least 0"),
+        ("origin_connections: 0\n", "origin_connections must be between 1 and 4096"),
         ("origins:\n  - options: {anon: true}\n", "origins[0] needs at least a prefix"),
         ("- a\n- b\n", "must hold a mapping"),
         ("block_size: [1\n", "not valid YAML"),
@@ -364,3 +368,36 @@ def test_bad_cluster_section_is_refused(tmp_path: Path, text: str, message: str)
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_config(path, environ={})
+
+
+def test_service_link_variables_are_not_config(tmp_path: Path) -> None:
+    """Kubernetes injects these for a Service named cachefs or cachefs-metrics."""
+    links = {
+        "CACHEFS_PORT": "tcp://10.0.0.1:9090",
+        "CACHEFS_SERVICE_HOST": "10.0.0.1",
+        "CACHEFS_SERVICE_PORT": "9090",
+        "CACHEFS_METRICS_SERVICE_PORT_HTTP": "9090",
+        "CACHEFS_METRICS_PORT_9090_TCP": "tcp://10.0.0.2:9090",
+        "CACHEFS_METRICS_PORT_9090_TCP_ADDR": "10.0.0.2",
+        "CACHEFS_METRICS_PORT_9090_TCP_PROTO": "tcp",
+    }
+    assert _load(tmp_path, environ={**links, "CACHEFS_CONCURRENCY": "4"}).concurrency == 4
+
+
+def test_an_unknown_variable_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CACHEFS_PORTS names no config key"):
+        _load(tmp_path, environ={"CACHEFS_PORTS": "1"})
+
+
+def test_client_variables_are_not_config_keys(tmp_path: Path) -> None:
+    """The CLI reads the pod token file itself; the config never sees it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
+    env.update(CACHEFS_POD_TOKEN_FILE=str(tmp_path / "token"), CACHEFS_CACHE_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "cachefs.cli", "ls"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

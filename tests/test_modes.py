@@ -99,6 +99,7 @@ SCENARIOS: dict[str, list[Step]] = {
         ("unpin without a holder", lambda c: c.client.unpin("")),
         ("view without a holder", lambda c: c.client.view("", [c.url("model/")])),
         ("view of nothing", lambda c: c.client.view("csi:x", [c.url("missing/")])),
+        ("cancel an unknown job", lambda c: c.client.cancel("0123456789abcdef")),
         ("status", lambda c: c.client.status()),
     ],
     "reads": [
@@ -118,6 +119,7 @@ EXPECTED = {
     "the view is gone": ("returned", False),
     "unpin the view's holder": ("returned", 3),
     "evict pinned": ("raised", "QuotaExceededError"),
+    "cancel an unknown job": ("raised", "FileNotFoundError"),
     "unpin it again": ("raised", "FileNotFoundError"),
     "stat a missing object": ("raised", "FileNotFoundError"),
     "stat a prefix": ("raised", "IsADirectoryError"),

@@ -177,13 +177,14 @@ def test_chunk_size_out_of_range_is_invalid_argument(node, s3) -> None:
 
 
 def test_killed_node_is_a_clear_error_and_a_restart_serves_the_cache(
-    start_node, tmp_path, s3
+    start_node, tmp_path, s3, monkeypatch
 ) -> None:
     cache = tmp_path / "cache"
     config = _config(tmp_path, cache)
     node = start_node(cache, config=config, socket_path=tmp_path / "n.sock")
     data = _payload(4 * BLOCK)
     s3.put("big.bin", data)
+    monkeypatch.setenv("CACHEFS_RECONNECT_GRACE", "0")  # no wait for it (test_restarts.py)
     fs = _fs(node.unix_endpoint, local_reads=False, timeout=20)
     assert fs.cat_file(s3.url("big.bin"), start=0, end=2 * BLOCK) == data[: 2 * BLOCK]
     s3.reset_requests()
@@ -390,3 +391,17 @@ def test_sigterm_ends_the_watch_of_a_running_job_with_a_clear_error(node, s3) ->
     assert isinstance(error, NodeUnavailableError), error
     assert "shutting down" in str(error)
     assert node.wait_exit(timeout=30) == 0
+
+
+def test_a_listing_larger_than_one_message_arrives_whole(start_node, tmp_path, http_origin) -> None:
+    """List streams its entries in batches: 2 500 names (three batches) all arrive."""
+    from cachefs.node.server import LIST_BATCH
+
+    count = 2 * LIST_BATCH + 500
+    for i in range(count):
+        http_origin.put(f"/many/f{i:05d}.bin", b"x")
+    node = start_node(tmp_path / "cache")
+    client = NodeClient(node.unix_endpoint, token="", tls_ca="")
+    names = [e["name"] for e in client.ls(http_origin.url("/many/"))]
+    assert names == [http_origin.url(f"/many/f{i:05d}.bin") for i in range(count)]
+    client.close()

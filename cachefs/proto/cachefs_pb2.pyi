@@ -220,7 +220,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStatus(_message.Message):
-    __slots__ = ("name", "medium", "path", "quota", "used", "pinned", "objects", "evictions", "reserved", "high_water")
+    __slots__ = ("name", "medium", "path", "quota", "used", "pinned", "objects", "evictions", "reserved", "high_water", "state", "reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEDIUM_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,8 @@ class TierStatus(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     HIGH_WATER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     medium: str
     path: str
@@ -241,7 +243,9 @@ class TierStatus(_message.Message):
     evictions: int
     reserved: int
     high_water: int
-    def __init__(self, name: _Optional[str] = ..., medium: _Optional[str] = ..., path: _Optional[str] = ..., quota: _Optional[int] = ..., used: _Optional[int] = ..., pinned: _Optional[int] = ..., objects: _Optional[int] = ..., evictions: _Optional[int] = ..., reserved: _Optional[int] = ..., high_water: _Optional[int] = ...) -> None: ...
+    state: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., medium: _Optional[str] = ..., path: _Optional[str] = ..., quota: _Optional[int] = ..., used: _Optional[int] = ..., pinned: _Optional[int] = ..., objects: _Optional[int] = ..., evictions: _Optional[int] = ..., reserved: _Optional[int] = ..., high_water: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("node_id", "tiers", "pins", "jobs", "served_bytes", "hits", "misses", "fetched_bytes", "rpcs", "uptime_seconds", "members")

@@ -39,7 +39,7 @@ class CacheStub:
                 request_serializer=cachefs_dot_proto_dot_cachefs__pb2.StatRequest.SerializeToString,
                 response_deserializer=cachefs_dot_proto_dot_cachefs__pb2.ObjectInfo.FromString,
                 _registered_method=True)
-        self.List = channel.unary_unary(
+        self.List = channel.unary_stream(
                 '/cachefs.v1.Cache/List',
                 request_serializer=cachefs_dot_proto_dot_cachefs__pb2.ListRequest.SerializeToString,
                 response_deserializer=cachefs_dot_proto_dot_cachefs__pb2.ListResponse.FromString,
@@ -56,6 +56,11 @@ class CacheStub:
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/cachefs.v1.Cache/WatchJob',
+                request_serializer=cachefs_dot_proto_dot_cachefs__pb2.JobRef.SerializeToString,
+                response_deserializer=cachefs_dot_proto_dot_cachefs__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/cachefs.v1.Cache/Cancel',
                 request_serializer=cachefs_dot_proto_dot_cachefs__pb2.JobRef.SerializeToString,
                 response_deserializer=cachefs_dot_proto_dot_cachefs__pb2.JobStatus.FromString,
                 _registered_method=True)
@@ -96,7 +101,8 @@ class CacheServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Entries in batches (LIST_BATCH each): a listing of any size fits the message limit.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -115,6 +121,13 @@ class CacheServicer:
 
     def WatchJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Stop a job: no new fetches, its pins released, completed blocks kept.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -157,7 +170,7 @@ def add_CacheServicer_to_server(servicer, server):
                     request_deserializer=cachefs_dot_proto_dot_cachefs__pb2.StatRequest.FromString,
                     response_serializer=cachefs_dot_proto_dot_cachefs__pb2.ObjectInfo.SerializeToString,
             ),
-            'List': grpc.unary_unary_rpc_method_handler(
+            'List': grpc.unary_stream_rpc_method_handler(
                     servicer.List,
                     request_deserializer=cachefs_dot_proto_dot_cachefs__pb2.ListRequest.FromString,
                     response_serializer=cachefs_dot_proto_dot_cachefs__pb2.ListResponse.SerializeToString,
@@ -174,6 +187,11 @@ def add_CacheServicer_to_server(servicer, server):
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
+                    request_deserializer=cachefs_dot_proto_dot_cachefs__pb2.JobRef.FromString,
+                    response_serializer=cachefs_dot_proto_dot_cachefs__pb2.JobStatus.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
                     request_deserializer=cachefs_dot_proto_dot_cachefs__pb2.JobRef.FromString,
                     response_serializer=cachefs_dot_proto_dot_cachefs__pb2.JobStatus.SerializeToString,
             ),
@@ -251,7 +269,7 @@ class Cache:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/cachefs.v1.Cache/List',
@@ -336,6 +354,33 @@ class Cache:
             request,
             target,
             '/cachefs.v1.Cache/WatchJob',
+            cachefs_dot_proto_dot_cachefs__pb2.JobRef.SerializeToString,
+            cachefs_dot_proto_dot_cachefs__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachefs.v1.Cache/Cancel',
             cachefs_dot_proto_dot_cachefs__pb2.JobRef.SerializeToString,
             cachefs_dot_proto_dot_cachefs__pb2.JobStatus.FromString,
             options,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from cachefs.client import NodeClient
+from cachefs.errors import OriginUnavailableError, TransientOriginError
 from cachefs.node.cluster.hashing import block_key, rank
 from cachefs.node.cluster.membership import Membership
 from cachefs.node.layout import ObjectHeader
@@ -79,7 +80,11 @@ class Peers:
         with self._lock:
             client = self._clients.get(peer)
             if client is None:
-                client = NodeClient(peer, self.timeout, self._token or "", self._tls_ca or "", "")
+                # No waiting for a peer that went away: peer_timeout and the back-off
+                # decide, and the origin is the next source.
+                client = NodeClient(
+                    peer, self.timeout, self._token or "", self._tls_ca or "", "", reconnect_grace=0
+                )
                 self._clients[peer] = client
             return client
 
@@ -114,6 +119,11 @@ class Peers:
                     return peer
             except FileNotFoundError:
                 continue  # not cached there (cached_only), or the object is gone
+            except (OriginUnavailableError, TransientOriginError) as exc:
+                # The peer is fine; its origin is not (its breaker may be open): no
+                # back-off for the peer, and this node's own origin request decides.
+                log.info("peer %s could not fill block %d: %s", peer, index, exc)
+                continue
             except Exception as exc:
                 kind = type(exc).__name__
                 self.stats.failed(peer, kind)
@@ -129,6 +139,12 @@ class Peers:
                 with self._lock:
                     self._avoid_until[peer] = time.monotonic() + self.backoff
         return None
+
+    def avoided(self) -> set[str]:
+        """The peers being avoided now (their back-off has not ended)."""
+        now = time.monotonic()
+        with self._lock:
+            return {peer for peer, until in self._avoid_until.items() if now < until}
 
     def _avoided(self, peer: str) -> bool:
         with self._lock:

@@ -5,18 +5,23 @@ versions, ETags) to every member, itself included, as a prefetch job of exactly
 those versions: no node can see another version of a file. Each member fills every
 block through its owner (rendezvous hashing), so each block is fetched from the
 origin by its owner only. Progress is the sum over members; a member that fails
-fails the job with its reason, and the others carry on to the end.
+fails the job with its reason, and the others carry on to the end. Cancelling the
+job cancels every member's share.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
+from cachefs.errors import JobCancelledError
 from cachefs.node.cluster.peers import Peers
 from cachefs.node.engine import Manifest
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.types import JobStatus
+
+log = logging.getLogger("cachefs.cluster")
 
 # This node's share: its progress reports in, its final status out.
 RunHere = Callable[[Callable[[JobStatus], None]], JobStatus]
@@ -42,10 +47,11 @@ def run_cluster_prefetch(
     tier: str | None,
     report: Callable[[JobStatus], None],
     job_id: str,
+    cancelled: threading.Event,
     run_here: RunHere,
 ) -> JobStatus:
     """Prefetch ``manifest`` on every member (``run_here`` on this one); the summed
-    final status."""
+    final status. Once ``cancelled`` is set every member is asked to stop."""
     members = sorted({*peers.membership.members(), peers.self_address})
     latest: dict[str, JobStatus] = {}
     errors: dict[str, str] = {}
@@ -84,7 +90,9 @@ def run_cluster_prefetch(
             if member == peers.self_address:
                 note(member, run_here(lambda s: note(member, s)))
             else:
-                _run_there(peers, member, manifest, pin, tier, lambda s: note(member, s))
+                _run_there(peers, member, manifest, pin, tier, cancelled, lambda s: note(member, s))
+        except JobCancelledError:
+            pass  # the summary says cancelled
         except Exception as exc:
             with lock:
                 errors[member] = str(exc) or type(exc).__name__
@@ -97,6 +105,11 @@ def run_cluster_prefetch(
         thread.start()
     for thread in threads:
         thread.join()
+    if cancelled.is_set():
+        raise JobCancelledError(
+            f"the cluster prefetch was cancelled on its {len(members)} nodes; the blocks "
+            "they fetched stay cached"
+        )
     with lock:
         return summary("failed" if errors else "succeeded")
 
@@ -107,6 +120,7 @@ def _run_there(
     manifest: Manifest,
     pin: str | None,
     tier: str | None,
+    cancelled: threading.Event,
     note: Callable[[JobStatus], None],
 ) -> None:
     client = peers.client(member)
@@ -116,6 +130,22 @@ def _run_there(
         tier=tier or "",
         objects=manifest_message(manifest),
     )
-    started = client.start_job(request)
+    # A member that just restarted may still be in our channel's reconnect back-off.
+    started = client.start_job(request, wait_for_ready=True)
     note(started)
-    client.wait(started.id, progress=note)
+    finished = threading.Event()
+
+    def relay_cancel() -> None:  # the member's share stops with the job
+        while not finished.wait(0.1):
+            if cancelled.is_set():
+                try:
+                    client.cancel(started.id)
+                except Exception as exc:  # the member goes on; its status says so
+                    log.warning("could not cancel job %s on %s: %s", started.id, member, exc)
+                return
+
+    threading.Thread(target=relay_cancel, name=f"cancel-{member}", daemon=True).start()
+    try:
+        client.wait(started.id, progress=note)
+    finally:
+        finished.set()

@@ -1,7 +1,11 @@
 """Origins: where bytes live. One facade over per-protocol backends.
 
 ``Origin.stat`` pins an object to a version; ``Origin.read`` streams a byte range of
-that version to a sink, retrying transient failures with backoff and jitter.
+that version to a sink, retrying transient failures with backoff and jitter (as
+long as the origin's ``Retry-After`` asks, when it does). Every request takes one of
+the node's origin slots (``slots.py``: one limit for prefetches, readers and
+peer-forwarded fills) and passes its host's circuit breaker (``breaker.py``: a host
+that keeps failing is failed fast, then probed).
 Storage options come from the config (per URL prefix) and, in embedded mode, from
 the caller; they choose credentials, never cache keys.
 """
@@ -14,11 +18,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
+from cachefs.errors import OriginUnavailableError
 from cachefs.node.config import Config
+from cachefs.node.origins.breaker import Breakers
 from cachefs.node.origins.ranged_http import RangedHTTPClient
 from cachefs.node.origins.ref import ObjectRef
-from cachefs.node.retry import call_with_retries
+from cachefs.node.origins.slots import OriginSlots
+from cachefs.node.retry import call_with_retries, is_transient
 from cachefs.node.sinks import Sink
 from cachefs.urls import OriginURL, parse_url
 
@@ -46,8 +54,12 @@ class Origin:
         self._options = {k: dict(v) for k, v in (options or {}).items()}
         self._backends: dict[tuple[str, str], Backend] = {}
         self._lock = threading.Lock()
-        self._client = RangedHTTPClient(config.retry.timeout, config.allow_redirects_to)
+        self._client = RangedHTTPClient(
+            config.retry.timeout, config.allow_redirects_to, config.retry.min_rate
+        )
         self._observe = observe
+        self.slots = OriginSlots(config.origin_connections)
+        self.breakers = Breakers(config.retry.breaker_failures, config.retry.breaker_cooldown)
 
     def backend(self, url: OriginURL) -> Backend:
         options = self._config.options_for(url.canonical)
@@ -80,24 +92,37 @@ class Origin:
                 f"install cachefs with the extra for it, e.g. pip install 'cachefs[{protocol}]'"
             ) from exc
 
-    def _timed(self, operation: str, label: str, fn: Callable[[], Any]) -> Any:
+    def _timed(self, operation: str, url: OriginURL, fn: Callable[[], Any]) -> Any:
+        """``fn`` as one origin request: past its host's breaker (once per request),
+        each attempt in one of the node's slots, retried while transient."""
+        host = _host(url)
+
         def attempt() -> Any:
-            started = time.perf_counter()
-            try:
-                result = fn()
-            except BaseException as exc:
-                if self._observe:
-                    self._observe(operation, time.perf_counter() - started, exc)
-                raise
+            with self.slots.held(operation):
+                started = time.perf_counter()
+                try:
+                    result = fn()
+                except BaseException as exc:
+                    if self._observe:
+                        self._observe(operation, time.perf_counter() - started, exc)
+                    raise
             if self._observe:
                 self._observe(operation, time.perf_counter() - started, None)
             return result
 
-        return call_with_retries(attempt, self._config.retry, label)
+        self.breakers.before(host, url.canonical)
+        try:
+            result = call_with_retries(attempt, self._config.retry, url.canonical)
+        except BaseException as exc:
+            down = isinstance(exc, OriginUnavailableError) or is_transient(exc)
+            self.breakers.after(host, exc if down else None)
+            raise
+        self.breakers.after(host, None)
+        return result
 
     def stat(self, url: str | OriginURL) -> ObjectRef:
         parsed = parse_url(url) if isinstance(url, str) else url
-        return self._timed("stat", parsed.canonical, lambda: self.backend(parsed).stat(parsed))
+        return self._timed("stat", parsed, lambda: self.backend(parsed).stat(parsed))
 
     def resolve(self, source: str) -> list[ObjectRef]:
         """A source (an object URL or a prefix) as the objects it names, now."""
@@ -107,7 +132,7 @@ class Origin:
                 return [self.stat(url)]
             except (IsADirectoryError, FileNotFoundError):
                 pass
-        refs = self._timed("list", url.canonical, lambda: self.backend(url).list(url))
+        refs = self._timed("list", url, lambda: self.backend(url).list(url))
         if not refs:
             raise FileNotFoundError(
                 errno.ENOENT,
@@ -127,10 +152,19 @@ class Origin:
             sink.begin()
             backend.read(ref, start, end, sink)
 
-        self._timed("read", ref.canonical, attempt)
+        self._timed("read", ref.url, attempt)
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
         backend = self.backend(url)
         if hasattr(backend, "ls"):
             return backend.ls(url)
         return [{"name": r.canonical, "size": r.size, "type": "file"} for r in backend.list(url)]
+
+
+def _host(url: OriginURL) -> str:
+    """What one breaker covers: an HTTP origin's scheme and host, a bucket (S3, GCS,
+    Azure, the hub's repository owner) for the others."""
+    if url.is_http:
+        parts = urlsplit(url.canonical)
+        return f"{parts.scheme}://{parts.netloc}"
+    return f"{url.protocol}://{url.path.lstrip('/').split('/', 1)[0]}"

@@ -41,7 +41,7 @@ class HTTPBackend:
         if location and urlsplit(location).path.rstrip("/") == urlsplit(url.canonical).path:
             raise IsADirectoryError(errno.EISDIR, f"{url} is a directory; name an object in it")
         if answer.status >= 300:
-            raise error_for_status(answer.status, url.canonical)
+            raise error_for_status(answer.status, url.canonical, headers=answer.headers)
         size = _total_size(answer)
         if size is None:
             raise OSError(

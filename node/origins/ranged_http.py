@@ -21,6 +21,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import Message
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from cachefs.errors import TransientOriginError
+from cachefs.node.origins.deadlines import Deadlines
 from cachefs.node.origins.errors import error_for_status
 from cachefs.node.sinks import Sink
 from cachefs.urls import HTTP_PROTOCOLS, parse_url, redact
@@ -58,9 +60,17 @@ class Answer:
 
 
 class RangedHTTPClient:
-    def __init__(self, timeout: float = 60.0, allow_redirects_to: Sequence[Network] = ()) -> None:
-        """``allow_redirects_to``: non-public networks redirects may lead to all the same."""
+    def __init__(
+        self,
+        timeout: float = 60.0,
+        allow_redirects_to: Sequence[Network] = (),
+        min_rate: float = 1024 * 1024,
+    ) -> None:
+        """``allow_redirects_to``: non-public networks redirects may lead to all the same.
+        ``min_rate``: bytes per second a body must keep up (after ``timeout`` of grace)."""
         self._timeout = timeout
+        self._min_rate = min_rate
+        self._deadlines = Deadlines()
         self._allow_redirects_to = tuple(allow_redirects_to)
         self._local = threading.local()
         self._ssl: ssl.SSLContext | None = None  # made on first https use: loading CAs is slow
@@ -251,15 +261,18 @@ class RangedHTTPClient:
         """GET bytes [start, end) of ``url``, handing the body to ``sink`` as it arrives.
 
         The body goes through a small per-thread buffer, so each chunk is still in
-        the CPU cache when the sink writes it out.
+        the CPU cache when the sink writes it out. The whole range has a deadline:
+        ``timeout`` plus its size at ``min_rate``; a body that drips slower is
+        abandoned (a transient error: it is retried on a new connection).
         """
+        deadline = time.monotonic() + self._timeout + (end - start) / self._min_rate
         request_headers = {"Range": f"bytes={start}-{end - 1}", **(headers or {})}
         response, key, _url = self._request("GET", url, request_headers, label)
         answer = Answer(response.status, _lower(response.msg))
         if response.status >= 300:
             body = _read_quietly(response)
             self._drop(key)
-            raise error_for_status(response.status, label, body, pinned)
+            raise error_for_status(response.status, label, body, pinned, answer.headers)
         try:
             _check_range(answer, start, end, label)
         except OSError:
@@ -268,29 +281,38 @@ class RangedHTTPClient:
         chunk = self._chunk_buffer()
         want = end - start
         done = 0
-        while done < want:
-            try:
-                got = response.readinto(chunk[: min(len(chunk), want - done)])
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(key)
-                raise TransientOriginError(
-                    f"{label}: reading from the origin failed ({type(exc).__name__})"
-                ) from None
-            if not got:
-                break
-            try:
-                sink.write(chunk[:got])
-            except BaseException:
-                self._drop(key)  # the rest of the body is unread
-                raise
-            done += got
+        with self._deadlines.watch(self._connection(key).sock, deadline) as watch:
+            while done < want:
+                try:
+                    got = response.readinto(chunk[: min(len(chunk), want - done)])
+                except (OSError, http.client.HTTPException) as exc:
+                    self._drop(key)
+                    if watch.expired:
+                        break
+                    raise TransientOriginError(
+                        f"{label}: reading from the origin failed ({type(exc).__name__})"
+                    ) from None
+                if not got:
+                    break
+                try:
+                    sink.write(chunk[:got])
+                except BaseException:
+                    self._drop(key)  # the rest of the body is unread
+                    raise
+                done += got
         if done != want:
             self._drop(key)
+            if watch.expired:
+                raise TransientOriginError(
+                    f"{label}: the origin sent {done} of {want} bytes too slowly (below "
+                    f"retry.min_rate, {self._min_rate:.0f} bytes/s); abandoned, to retry"
+                )
             raise TransientOriginError(
                 f"{label}: the origin closed the connection after {done} of {want} bytes"
             )
-        if response.will_close or not response.isclosed():
-            # A close, or a body longer than asked for: start the next request afresh.
+        if watch.expired or response.will_close or not response.isclosed():
+            # Shut down at the deadline, a close, or a body longer than asked for:
+            # start the next request afresh.
             self._drop(key)
         return answer
 

@@ -102,7 +102,9 @@ class S3Backend:
                 status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
                 code = str(response.get("Error", {}).get("Code", ""))
                 body = f"<Code>{code}</Code>".encode() if code.isalpha() else b""
-                raise error_for_status(status or 500, url.canonical, body) from None
+                raise error_for_status(
+                    status or 500, url.canonical, body, headers=headers
+                ) from None
             except BotoCoreError as exc:
                 raise TransientOriginError(
                     f"{url.canonical}: request to the origin failed ({type(exc).__name__})"

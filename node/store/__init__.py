@@ -1,7 +1,8 @@
 """The block store: tiers of sparse object files, checksums, quotas, LRU and pins.
 
-``Store`` composes one module per concern under one lock (an RLock, and a
-condition on it that is notified when space may free up):
+``Store`` composes one module per concern under one lock (a reentrant lock that
+defers disk work to its release, and a condition on it that is notified when space
+may free up):
 
 - ``objects``: the data model (``CachedObject``, ``Tier``);
 - ``index``: tier roots, the index rebuilt from meta files at start, object
@@ -9,15 +10,22 @@ condition on it that is notified when space may free up):
 - ``pins``: holders and their objects, persisted, with a reverse index;
 - ``space``: reservations, quotas, pinned bytes and LRU eviction;
 - ``blocks``: block reads, writes, verification and repair;
-- ``digests``: an origin's digest of a whole object computed from its blocks.
+- ``digests``: an origin's digest of a whole object computed from its blocks;
+- ``health``: each tier's disk errors and hangs, and whether it is degraded;
+- ``lock``: the store's lock, which no disk I/O happens under.
 
 The Store itself places objects (which tier, pinned first or not) and keeps the
-index and the space accounting in step as objects come and go.
+index and the space accounting in step as objects come and go. Its lock guards
+bookkeeping only: directories are made, moved to the trash and removed, and pin
+files written, after it is let go, so a disk that hangs holds up only the threads
+that touch it.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -30,16 +38,19 @@ from cachefs.node.config import TierConfig
 from cachefs.node.layout import Digest, ObjectHeader
 from cachefs.node.store.block_writer import BlockWriter
 from cachefs.node.store.blocks import Blocks
+from cachefs.node.store.health import HealthStatus, is_fault
 from cachefs.node.store.index import (
     create_directory,
     load_object,
     open_tier,
     rebuild,
+    remove_trashed,
     resolve_group,
-    retire_directory,
+    trash_directory,
 )
+from cachefs.node.store.lock import StoreLock
 from cachefs.node.store.objects import CachedObject, Tier
-from cachefs.node.store.pins import Pins
+from cachefs.node.store.pins import Pins, write_record
 from cachefs.node.store.space import Space
 from cachefs.types import TierStatus
 from cachefs.units import format_size
@@ -47,6 +58,7 @@ from cachefs.units import format_size
 __all__ = ["CachedObject", "Store", "Tier"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+log = logging.getLogger("cachefs.store")
 
 
 class Store:
@@ -55,8 +67,11 @@ class Store:
     def __init__(self, tiers: Sequence[TierConfig], group: str | None = None) -> None:
         if not tiers:
             raise ValueError("at least one tier is needed")
-        self._lock = threading.RLock()
-        self._room = threading.Condition(self._lock)  # notified when space may free up
+        self._lock = StoreLock()
+        # Notified when space may free up (and when a directory is made or gone).
+        self._room = threading.Condition(self._lock)  # type: ignore[arg-type]
+        self._creating: dict[str, Tier] = {}  # ids whose directory a thread is making
+        self._pin_writes = threading.Lock()  # one pin file write at a time
         # Called (under the store's lock: never block) with the id of each removed object.
         self.removed_listeners: list[Callable[[str], None]] = []
         gid = resolve_group(group) if group else None
@@ -120,13 +135,36 @@ class Store:
             self._drop(obj)
 
     def retire(self, obj: CachedObject) -> None:
-        """Drop ``obj`` from the index and from disk (holders of its inode keep it)."""
+        """Drop ``obj`` from the index and from disk (holders of its inode keep it).
+
+        The disk work waits until this thread holds the store's lock no more; until
+        its directory has left, the object is not made again in its tier.
+        """
         with self._lock:
             self._drop(obj)
-            retire_directory(obj.tier, obj.directory)
+            obj.tier.retiring[obj.id] += 1
+            self._lock.defer(partial(self._remove_directory, obj.tier, obj.id, obj.directory))
             self._room.notify_all()
         for listener in list(self.removed_listeners):
             listener(obj.id)
+
+    def _remove_directory(self, tier: Tier, object_id: str, directory: Path) -> None:
+        """A retired object's directory, into the trash and away (deferred disk work)."""
+        trashed = None
+        try:
+            with tier.health.watch("metadata"):
+                trashed = trash_directory(tier, directory)
+        except OSError as exc:  # left in place: a restart indexes or retires it again
+            if is_fault(exc):
+                tier.health.fault("metadata", f"moving {directory} to the trash", exc)
+        finally:
+            with self._lock:
+                tier.retiring[object_id] -= 1
+                if tier.retiring[object_id] <= 0:
+                    del tier.retiring[object_id]
+                self._room.notify_all()
+        with tier.health.watch("metadata"):
+            remove_trashed(trashed)
 
     def evict(self, obj: CachedObject) -> None:
         """Evict ``obj`` now. Raises QuotaExceededError if pinned, BlockingIOError if busy."""
@@ -153,8 +191,37 @@ class Store:
 
     def unpin(self, holder: str, object_ids: Iterable[str] | None = None) -> None:
         with self._lock:
-            if self._pins.remove(holder, object_ids):
+            changed = self._pins.remove(holder, object_ids)
+            if changed:
                 self._room.notify_all()
+        if changed:
+            self._save_pins(holder)
+
+    def _save_pins(self, holder: str) -> None:
+        """Write ``holder``'s pin file once the store's lock is let go: pin files live
+        on the last tier, and a disk that hangs there must hold up pin changes only.
+        One write at a time, each of the state as it is then: the last is the latest."""
+        tier = self.tiers[-1]
+        with self._pin_writes:
+            with self._lock:
+                path, payload = self._pins.record(holder)
+            try:
+                with tier.health.watch("metadata"):
+                    write_record(path, payload)
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    self._note_full(tier)
+                    raise QuotaExceededError(
+                        f"cannot record the pins of {holder}: {tier.full}"
+                    ) from exc
+                if is_fault(exc):
+                    tier.health.fault("metadata", f"writing the pins of {holder}", exc)
+                    raise OSError(
+                        exc.errno,
+                        f"cannot record the pins of {holder}: the disk of tier {tier.name!r} "
+                        f"({tier.root}) failed ({exc.strerror}); check the disk",
+                    ) from exc
+                raise
 
     def pinned_bytes(self, tier: Tier) -> int:
         with self._lock:
@@ -172,38 +239,85 @@ class Store:
         byte is fetched, and a tier without room raises QuotaExceededError; without
         it, no room means None: the caller serves the bytes without caching them.
         An object made without its origin's digest learns it from ``header``.
+
+        A degraded tier takes no new object (the next tier with room does), and an
+        incomplete object nobody uses or pins leaves one. The object's directory is
+        made, and the pin file written, after the store's lock is let go.
         """
-        with self._lock:
-            obj = self.get(header.id)
-            if obj is not None:
-                if tier_name is not None and obj.tier.name != tier_name:
-                    obj = self._move_request(obj, tier_name)
+        pinned = False
+        try:
+            with self._lock:
+                obj = self._existing(header, tier_name)
                 if obj is not None:
                     if pin_holder:
-                        self._pin_checked(obj.tier, header, pin_holder)
+                        pinned = self._pin_checked(obj.tier, header, pin_holder)
                     if header.digest is not None:
                         self._blocks.learn_digest(obj, header.digest)
                     return obj
-            candidates = [self.tier(tier_name)] if tier_name else self.tiers
-            for tier in candidates:
-                if header.footprint() <= tier.quota - self._space.pinned_bytes(tier):
-                    if pin_holder:
-                        self._pin_checked(tier, header, pin_holder)
-                    return self._create(tier, header)
-            if pin_holder:
-                tier = candidates[0] if tier_name else self.tiers[-1]
-                self._pin_checked(tier, header, pin_holder)  # raises with the figures
-            return None
+                candidates = [self.tier(tier_name)] if tier_name else self.tiers
+                room = [
+                    tier
+                    for tier in candidates
+                    if header.footprint() <= tier.quota - self._space.pinned_bytes(tier)
+                ]
+                if pin_holder:  # without room, this raises with the figures
+                    fallback = candidates[0] if tier_name else self.tiers[-1]
+                    pinned = self._pin_checked(room[0] if room else fallback, header, pin_holder)
+                if not room:
+                    return None
+                self._creating[header.id] = room[0]
+            try:
+                for tier in room:
+                    self._creating[header.id] = tier
+                    obj = self._create(tier, header)
+                    if obj is not None:
+                        return obj
+                return None
+            finally:
+                with self._lock:
+                    self._creating.pop(header.id, None)
+                    self._room.notify_all()
+        finally:
+            if pinned and pin_holder:
+                try:
+                    self._save_pins(pin_holder)
+                except BaseException:  # not recorded, so not pinned
+                    with self._lock:
+                        self._pins.remove(pin_holder, [header.id])
+                        self._room.notify_all()
+                    raise
 
-    def _move_request(self, obj: CachedObject, tier_name: str) -> CachedObject | None:
-        """An object asked for in another tier: keep it where it is if complete."""
-        self.tier(tier_name)  # validates the name
-        if obj.complete or obj.users or self._pins.is_pinned(obj.id):
+    def _existing(self, header: ObjectHeader, tier_name: str | None) -> CachedObject | None:
+        """The object's entry; None when it is to be made (again). Under the lock.
+
+        While another thread makes its directory, wait for it, unless that thread's
+        disk hangs. An object asked for in another tier moves there, and one in a
+        degraded tier leaves it, when nothing holds it where it is: it is complete,
+        in use or pinned.
+        """
+        while True:
+            making = self._creating.get(header.id)
+            if making is None or making.health.stalled():
+                break
+            self._room.wait(1.0)  # a hang shows only when looked at
+        obj = self.get(header.id)
+        if obj is None:
+            return None
+        held = obj.complete or obj.users or self._pins.is_pinned(obj.id)
+        if tier_name is not None and obj.tier.name != tier_name:
+            self.tier(tier_name)  # validates the name
+            moves = not held
+        else:
+            health = obj.tier.health
+            moves = health.degraded and not held and not health.stalled()
+        if not moves:
             return obj
         self.retire(obj)
         return None
 
-    def _pin_checked(self, tier: Tier, header: ObjectHeader, holder: str) -> None:
+    def _pin_checked(self, tier: Tier, header: ObjectHeader, holder: str) -> bool:
+        """Pin the object for ``holder`` if ``tier`` has room for it beside the pinned
+        ones; True if the holder did not pin it yet (its file is to be written)."""
         if not self._pins.is_pinned(header.id):
             pinned = self._space.pinned_bytes(tier)
             if pinned + header.footprint() > tier.quota:
@@ -212,38 +326,96 @@ class Store:
                     f"{tier.name!r}: {format_size(pinned)} of its {format_size(tier.quota)} "
                     "quota is already pinned; unpin something (cachefs unpin) or raise the quota"
                 )
-        self._pins.add(holder, header.id)
+        return self._pins.add(holder, header.id)
 
     def _create(self, tier: Tier, header: ObjectHeader) -> CachedObject | None:
-        """A new object in ``tier``: its page of metadata reserved, its directory made.
+        """A new object in ``tier``: its page of metadata reserved, its directory made
+        (not under the store's lock). None when the tier cannot take it: degraded,
+        full on disk with nothing to evict, or failing.
 
         If another process on the same cache directory created it first, adopt
         theirs: same id means same URL and version, so the same bytes.
         """
+        with self._lock:
+            if not self._ready_for(tier, header.id):
+                return None
         placeholder = CachedObject(header=header, tier=tier)
         if not self._space.reserve(tier, layout.PAGE, protect=placeholder):
             return None
         try:
-            inode = create_directory(tier, header)
+            with tier.health.watch("metadata"):
+                inode = create_directory(tier, header)
         except OSError as exc:
             self._space.unreserve(tier, layout.PAGE)
             if exc.errno in _NO_SPACE:  # the disk is full below the quota: evict, retry
+                self._note_full(tier)
                 evicted = self._space.evict_one(tier, placeholder)
                 return self._create(tier, header) if evicted else None
+            if is_fault(exc):
+                tier.health.fault("metadata", f"making the directory of {header.url}", exc)
+                return None
             raise
         if inode is None:
             self._space.unreserve(tier, layout.PAGE)
             return self._adopt(tier, header)
         with self._lock:
             tier.reserved -= layout.PAGE
+            tier.full = None
+            current = tier.objects.get(header.id)
+            if current is not None:  # another thread of ours adopted it meanwhile
+                return current
             placeholder.charged = layout.PAGE
             placeholder.inode = inode
             self._add(placeholder)
         return placeholder
 
+    def _ready_for(self, tier: Tier, object_id: str) -> bool:
+        """Whether ``tier`` may take a new object now: not degraded, and no directory of
+        the same id on its way out (waited for, while the tier's disk answers)."""
+        if not tier.health.usable():
+            return False
+        while tier.retiring.get(object_id):
+            if tier.health.stalled():
+                return False
+            self._room.wait(1.0)  # also runs this thread's deferred disk work
+        return True
+
+    def _note_full(self, tier: Tier) -> None:
+        """Record (and log, once) why the disk of ``tier`` refused to take more: what
+        is full, and what to do about it."""
+        try:
+            fs = os.statvfs(tier.root)
+        except OSError:
+            fs = None
+        if fs is not None and fs.f_files and fs.f_favail == 0:
+            reason = (
+                f"the filesystem of tier {tier.name!r} ({tier.root}) has no free inodes "
+                f"(all {fs.f_files} are used, while {format_size(fs.f_bavail * fs.f_frsize)} "
+                "of space is free), and each cached object needs a directory and two files: "
+                "give the filesystem more inodes (tmpfs: the nr_inodes option), remove other "
+                "files from it, or unpin cached objects so that they can be evicted"
+            )
+        else:
+            free = format_size(fs.f_bavail * fs.f_frsize) if fs is not None else "no space"
+            reason = (
+                f"the disk of tier {tier.name!r} ({tier.root}) is full ({free} free) below "
+                f"the tier's quota of {format_size(tier.quota)}: lower the quota to what the "
+                "disk holds, free space on it, or unpin cached objects so that they can be "
+                "evicted"
+            )
+        if reason != tier.full:
+            log.warning("%s", reason)
+        tier.full = reason
+
     def _adopt(self, tier: Tier, header: ObjectHeader) -> CachedObject | None:
         """Index the object directory another process created."""
-        obj = load_object(tier, layout.object_dir(tier.root, header.id))
+        try:
+            with tier.health.watch("metadata"):
+                obj = load_object(tier, layout.object_dir(tier.root, header.id))
+        except OSError as exc:
+            if is_fault(exc):
+                tier.health.fault("metadata", f"loading the directory of {header.url}", exc)
+            return None
         if obj is None:
             return None
         with self._lock:
@@ -339,6 +511,28 @@ class Store:
 
     # -- reporting ---------------------------------------------------------------
 
+    def stalled(self, obj: CachedObject) -> bool:
+        """Whether the disk of ``obj``'s tier hangs (an operation waits past the
+        deadline): its blocks are then fetched elsewhere instead of read."""
+        return obj.tier.health.stalled()
+
+    def health(self) -> list[HealthStatus]:
+        """Each tier's disk health: errors, stalls, and whether it is degraded."""
+        return [tier.health.status() for tier in self.tiers]
+
+    def trouble(self) -> str:
+        """Why tiers take no new data now, with what to do about it ("" if none)."""
+        reasons = []
+        for tier in self.tiers:
+            if tier.health.degraded:
+                reasons.append(
+                    f"tier {tier.name!r} ({tier.root}) is degraded: {tier.health.reason}; "
+                    "check its disk"
+                )
+            elif tier.full:
+                reasons.append(tier.full)
+        return "; ".join(reasons)
+
     def usage(self) -> list[TierStatus]:
         with self._lock:
             return [
@@ -353,6 +547,8 @@ class Store:
                     pinned=self._space.pinned_bytes(t),
                     objects=len(t.objects),
                     evictions=t.evictions,
+                    state="degraded" if t.health.degraded else "ok",
+                    reason=t.health.reason if t.health.degraded else "",
                 )
                 for t in self.tiers
             ]

@@ -12,6 +12,10 @@ When the origin publishes a digest of the whole object, a complete object is als
 checked against it before its path is handed out (once; the meta file records it).
 A mismatch drops every block, and the store remembers it: those blocks come from
 the origin only, and a second mismatch is an IntegrityError.
+
+A block the disk cannot read (EIO and the like) is dropped and fetched again, as a
+corrupt one is, and the error counts against the tier's health. While the tier's
+disk hangs, its blocks are not read at all: the caller fetches them elsewhere.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import errno
 import logging
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +36,9 @@ from cachefs.node import layout
 from cachefs.node.faults import crash_point
 from cachefs.node.layout import Digest
 from cachefs.node.store import digests
-from cachefs.node.store.block_writer import BlockWriter
+from cachefs.node.store.block_writer import BlockLost, BlockWriter
+from cachefs.node.store.health import is_fault
+from cachefs.node.store.lock import StoreLock
 from cachefs.node.store.objects import CachedObject, block_charge
 from cachefs.node.store.space import Space
 
@@ -48,7 +53,7 @@ class Blocks:
     def __init__(
         self,
         space: Space,
-        lock: threading.RLock,
+        lock: StoreLock,
         writer: Callable[[CachedObject, int, int], BlockWriter],
         forget: Callable[[CachedObject], None],
         retire: Callable[[CachedObject], None],
@@ -72,14 +77,21 @@ class Blocks:
         between the two leaves bytes that no record vouches for: they are refetched.
         """
         charge = block_charge(obj.header, index)
-        if obj.retired or not self._space.reserve(obj.tier, charge, protect=obj):
+        if obj.retired or not obj.tier.health.usable():
+            return None  # a degraded tier takes no new blocks: served uncached
+        if not self._space.reserve(obj.tier, charge, protect=obj):
             return None
         try:
             return self._writer(obj, index, charge)
-        except FileNotFoundError:  # evicted by another process on this cache directory
+        except OSError as exc:
             self._space.unreserve(obj.tier, charge)
-            self._forget(obj)
-            return None
+            if isinstance(exc, FileNotFoundError):  # evicted by another process
+                self._forget(obj)
+                return None
+            if is_fault(exc):
+                obj.tier.health.fault("write", f"opening {obj.header.url} for block {index}", exc)
+                return None
+            raise
 
     def write_block(self, obj: CachedObject, index: int, data: memoryview) -> bool:
         """Write and record one block held in memory. False: not cached (no room)."""
@@ -92,7 +104,10 @@ class Blocks:
         except BaseException:
             writer.close()
             raise
-        return writer.commit() is None
+        try:
+            return writer.commit() is None
+        except BlockLost:  # the disk failed under it: the caller has the bytes
+            return False
 
     def note_recorded(
         self, obj: CachedObject, index: int, checksum: int, charge: int, crc: int | None
@@ -116,23 +131,29 @@ class Blocks:
     def read(self, obj: CachedObject, index: int, offset: int, into: memoryview) -> bool:
         """Copy bytes of block ``index`` from ``offset`` within it into ``into``.
 
-        False if the block is absent, or present but corrupt (then it is discarded
-        so the caller refetches it).
+        False if the block is absent, present but corrupt or unreadable (then it is
+        discarded so the caller refetches it), or on a disk that hangs (then it is
+        left alone: the caller fetches it elsewhere).
         """
         checksum = obj.present.get(index)
-        if checksum is None or obj.retired:
+        if checksum is None or obj.retired or obj.tier.health.stalled():
             return False
         start, end = obj.header.block_span(index)
-        if index in obj.verified:
-            ok = _pread_exact(obj.data_path, into, start + offset, obj.inode)
-        else:
-            block = bytearray(end - start)
-            ok = _pread_exact(obj.data_path, memoryview(block), start, obj.inode)
-            if ok and xxhash.xxh3_64_intdigest(block) == checksum:
-                obj.verified.add(index)
-                into[:] = memoryview(block)[offset : offset + len(into)]
-            elif ok:
-                ok = False
+        try:
+            with obj.tier.health.watch("read"):
+                if index in obj.verified:
+                    ok = _pread_exact(obj.data_path, into, start + offset, obj.inode)
+                else:
+                    block = bytearray(end - start)
+                    ok = _pread_exact(obj.data_path, memoryview(block), start, obj.inode)
+                    if ok and xxhash.xxh3_64_intdigest(block) == checksum:
+                        obj.verified.add(index)
+                        into[:] = memoryview(block)[offset : offset + len(into)]
+                    elif ok:
+                        ok = False
+        except OSError as exc:
+            self._unreadable(obj, [index], exc)
+            return False
         if ok is None:
             self._forget(obj)
             return False
@@ -143,19 +164,25 @@ class Blocks:
         return True
 
     def pread(self, obj: CachedObject, start: int, end: int) -> bytes | None:
-        """Bytes [start, end) of verified blocks in one read; None if the file changed."""
-        try:
-            fd = os.open(obj.data_path, os.O_RDONLY)
-        except OSError:
-            self._forget(obj)
+        """Bytes [start, end) of verified blocks in one read; None if the file changed,
+        the disk failed (the block reads that follow find out which block) or hangs."""
+        if obj.tier.health.stalled():
             return None
         try:
-            if os.fstat(fd).st_ino != obj.inode:
-                self._forget(obj)
-                return None
-            data = os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
+            with obj.tier.health.watch("read"):
+                fd = os.open(obj.data_path, os.O_RDONLY)
+                try:
+                    if os.fstat(fd).st_ino != obj.inode:
+                        self._forget(obj)
+                        return None
+                    data = os.pread(fd, end - start, start)
+                finally:
+                    os.close(fd)
+        except FileNotFoundError:
+            self._forget(obj)
+            return None
+        except OSError:
+            return None
         if len(data) != end - start:
             return None
         self._space.mark_used(obj)
@@ -163,7 +190,7 @@ class Blocks:
 
     def local_path(self, obj: CachedObject) -> Path | None:
         """The data file of a complete, fully verified object, or None."""
-        if not obj.complete or obj.retired:
+        if not obj.complete or obj.retired or obj.tier.health.stalled():
             return None
         if not self.verify_digest(obj):  # checks unverified blocks on the way
             return None
@@ -182,7 +209,12 @@ class Blocks:
         for index, checksum in sorted(obj.present.items()):
             start, end = obj.header.block_span(index)
             view = memoryview(buffer)[: end - start]
-            ok = _pread_exact(obj.data_path, view, start, obj.inode)
+            try:
+                with obj.tier.health.watch("read"):
+                    ok = _pread_exact(obj.data_path, view, start, obj.inode)
+            except OSError as exc:
+                self._note_unreadable(obj, index, exc)
+                ok = False
             if ok is None:
                 self._forget(obj)
                 return sorted(obj.present)
@@ -272,7 +304,12 @@ class Blocks:
             if buffer is None:
                 buffer = memoryview(bytearray(obj.header.block_size))
             view = buffer[: end - start]
-            ok = _pread_exact(obj.data_path, view, start, obj.inode)
+            try:
+                with obj.tier.health.watch("read"):
+                    ok = _pread_exact(obj.data_path, view, start, obj.inode)
+            except OSError as exc:
+                self._note_unreadable(obj, index, exc)
+                ok = False
             if ok is None:
                 self._forget(obj)
                 return None
@@ -328,7 +365,7 @@ class Blocks:
         block, the object or its file went away meanwhile).
         """
         checksum = obj.present.get(index)
-        if checksum is None or obj.retired:
+        if checksum is None or obj.retired or obj.tier.health.stalled():
             return None
         actual = _block_xxh3(obj, index, buffer, paced)
         if actual is None or actual == checksum:
@@ -342,21 +379,36 @@ class Blocks:
         self.discard(obj, [index])
         return False
 
-    def discard(self, obj: CachedObject, indices: Sequence[int]) -> None:
+    def _unreadable(self, obj: CachedObject, indices: Sequence[int], exc: OSError) -> None:
+        """Blocks the disk could not read: dropped and fetched again, as corrupt ones."""
+        for index in indices:
+            self._note_unreadable(obj, index, exc)
+        self.discard(obj, indices, why="could not be read from the disk")
+
+    def _note_unreadable(self, obj: CachedObject, index: int, exc: OSError) -> None:
+        if is_fault(exc):
+            obj.tier.health.fault("read", f"block {index} of {obj.header.url}", exc)
+
+    def discard(
+        self, obj: CachedObject, indices: Sequence[int], why: str = "failed verification"
+    ) -> None:
         """Forget corrupt blocks. A file someone may hold is repaired into a new file."""
+        # A complete file may be mapped by a reader in any process (open_local), a
+        # linked one is in a view: repair those into a new file, never in place.
+        # (Its link count is read before the store's lock is taken: no disk I/O under it.)
+        linked = False if obj.handed_out or obj.complete else _link_count(obj) > 1
         with self._lock:
             if obj.retired:
                 return
-            # A complete file may be mapped by a reader in any process (open_local),
-            # a linked one is in a view: repair those into a new file, never in place.
-            held = obj.handed_out or obj.complete or _link_count(obj.data_path) > 1
+            held = obj.handed_out or obj.complete or linked
             obj.digest_ok = False  # other blocks now: the whole is checked again
             for index in indices:
                 obj.crcs.pop(index, None)
         log.warning(
-            "%s: blocks %s failed verification; fetching them again",
+            "%s: blocks %s %s; fetching them again",
             obj.header.url,
             list(indices),
+            why,
         )
         if held:
             if not self._repair_into_new_file(obj, set(indices)):
@@ -375,7 +427,13 @@ class Blocks:
                     layout.encode_block(i, c) for i, c in sorted(obj.present.items())
                 )
             crash_point("mid-repair")
-            layout.write_file_atomic(obj.meta_path, payload)
+            try:
+                with obj.tier.health.watch("metadata"):
+                    layout.write_file_atomic(obj.meta_path, payload)
+            except OSError as exc:  # the records stay; a restart checks those blocks again
+                if is_fault(exc):
+                    obj.tier.health.fault("metadata", f"rewriting {obj.meta_path}", exc)
+                log.warning("%s: cannot rewrite its records: %s", obj.header.url, exc)
 
     def _repair_into_new_file(self, obj: CachedObject, bad: set[int]) -> bool:
         """Copy the good blocks into a new data file and swap it in; False if no room.
@@ -392,22 +450,25 @@ class Blocks:
         retired = layout.trash_dir(obj.tier.root) / f"{obj.id}-{uuid.uuid4().hex[:8]}"
         with obj.lock.exclusive():
             try:
-                staging.mkdir(mode=layout.DIR_MODE)
-                os.chmod(staging, layout.DIR_MODE)
-                _copy_blocks(obj, staging / "data", keep)
-                layout.write_file_atomic(
-                    staging / "meta",
-                    layout.encode_header(obj.header)
-                    + b"".join(layout.encode_block(i, c) for i, c in sorted(keep.items())),
-                )
-                crash_point("mid-repair")
-                os.rename(final, retired)
-                os.rename(staging, final)
-            except OSError:
+                with obj.tier.health.watch("write"):
+                    staging.mkdir(mode=layout.DIR_MODE)
+                    os.chmod(staging, layout.DIR_MODE)
+                    _copy_blocks(obj, staging / "data", keep)
+                    layout.write_file_atomic(
+                        staging / "meta",
+                        layout.encode_header(obj.header)
+                        + b"".join(layout.encode_block(i, c) for i, c in sorted(keep.items())),
+                    )
+                    crash_point("mid-repair")
+                    os.rename(final, retired)
+                    os.rename(staging, final)
+                    inode = (final / "data").stat().st_ino
+            except OSError as exc:
+                if is_fault(exc):
+                    obj.tier.health.fault("write", f"repairing {obj.header.url}", exc)
                 shutil.rmtree(staging, ignore_errors=True)
                 self._space.unreserve(obj.tier, charge)
                 return False
-            inode = (final / "data").stat().st_ino
         with self._lock:
             obj.tier.reserved -= charge
             obj.tier.used += charge - obj.charged
@@ -439,13 +500,16 @@ def _block_xxh3(
             return None
         offset = start
         while offset < end:
-            got = os.preadv(fd, [buffer[: end - offset]], offset)
+            with obj.tier.health.watch("read"):
+                got = os.preadv(fd, [buffer[: end - offset]], offset)
             if got == 0:
                 return _UNREADABLE
             hasher.update(buffer[:got])
             offset += got
             paced(got)
-    except OSError:
+    except OSError as exc:
+        if is_fault(exc):
+            obj.tier.health.fault("read", f"block {index} of {obj.header.url}", exc)
         return _UNREADABLE
     finally:
         os.close(fd)
@@ -459,12 +523,13 @@ def _unpaced(_size: int) -> None:
 def _pread_exact(path: Path, into: memoryview, offset: int, inode: int) -> bool | None:
     """Fill ``into`` from ``path`` at ``offset``.
 
-    True when filled; False on a short read or an I/O error (corruption); None when
-    the file is missing or is another file than ours (another process replaced it).
+    True when filled; False on a short read (corruption); None when the file is
+    missing or is another file than ours (another process replaced it). Raises
+    OSError when the disk fails.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    except FileNotFoundError:
         return None
     try:
         if os.fstat(fd).st_ino != inode:
@@ -476,8 +541,6 @@ def _pread_exact(path: Path, into: memoryview, offset: int, inode: int) -> bool 
                 return False
             done += got
         return True
-    except OSError:
-        return False
     finally:
         os.close(fd)
 
@@ -506,8 +569,9 @@ def _copy_blocks(obj: CachedObject, target: Path, blocks: dict[int, int]) -> Non
         os.close(source)
 
 
-def _link_count(path: Path) -> int:
+def _link_count(obj: CachedObject) -> int:
     try:
-        return path.stat().st_nlink
+        with obj.tier.health.watch("metadata"):
+            return obj.data_path.stat().st_nlink
     except OSError:
         return 1

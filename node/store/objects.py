@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from cachefs.node import layout
 from cachefs.node.config import TierConfig
 from cachefs.node.layout import ObjectHeader
 from cachefs.node.store.digests import verifiable
+from cachefs.node.store.health import TierHealth
 
 
 class SharedLock:
@@ -128,6 +130,13 @@ class Tier:
     reserved: int = 0
     high_water: int = 0
     evictions: int = 0
+    # Ids whose directory is on its way to the trash: not made again here until gone.
+    retiring: Counter[str] = field(default_factory=Counter)
+    full: str | None = None  # why the last object could not be made here (full disk)
+    health: TierHealth = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.health = TierHealth(self.config.name, self.config.path)
 
     @property
     def name(self) -> str:

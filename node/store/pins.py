@@ -6,8 +6,9 @@ every change, so pins survive restarts. A reverse index (object id -> holders)
 answers ``holders`` and ``is_pinned`` without going through every holder: space
 accounting asks whenever an object's state changes, and is told (``changed``) when
 an object gains its first holder or loses its last, before the file is written, so
-its figures hold even when the write fails. Not locked itself: the Store calls it
-under its lock.
+its figures hold even when the write fails. Not locked itself: the Store changes it
+under its lock, takes a holder's ``record`` there, and writes it (``write_record``)
+after letting the lock go: the files live on the last tier, whose disk may hang.
 """
 
 from __future__ import annotations
@@ -42,15 +43,13 @@ class Pins:
             for object_id in ids:
                 self._by_object.setdefault(object_id, set()).add(holder)
 
-    def _save(self, holder: str) -> None:
+    def record(self, holder: str) -> tuple[Path, bytes | None]:
+        """The file of ``holder`` and what it must hold now (None: no file)."""
         path = self._directory / f"{xxhash.xxh3_64_hexdigest(holder.encode())}.json"
         ids = self._by_holder.get(holder)
         if not ids:
-            path.unlink(missing_ok=True)
-            return
-        layout.write_file_atomic(
-            path, json.dumps({"holder": holder, "objects": sorted(ids)}).encode()
-        )
+            return path, None
+        return path, json.dumps({"holder": holder, "objects": sorted(ids)}).encode()
 
     def holders(self, object_id: str) -> list[str]:
         return sorted(self._by_object.get(object_id, ()))
@@ -62,17 +61,17 @@ class Pins:
         """Every holder and its object ids, sorted."""
         return {holder: sorted(ids) for holder, ids in self._by_holder.items()}
 
-    def add(self, holder: str, object_id: str) -> None:
-        """Pin ``object_id`` for ``holder``."""
+    def add(self, holder: str, object_id: str) -> bool:
+        """Pin ``object_id`` for ``holder``; False if it was pinned by it already."""
         ids = self._by_holder.setdefault(holder, set())
         if object_id in ids:
-            return
+            return False
         ids.add(object_id)
         holders = self._by_object.setdefault(object_id, set())
         holders.add(holder)
         if len(holders) == 1:
             self._changed(object_id)
-        self._save(holder)
+        return True
 
     def remove(self, holder: str, object_ids: Iterable[str] | None = None) -> bool:
         """Release ``holder``'s pins on ``object_ids`` (None: all of them).
@@ -92,5 +91,12 @@ class Pins:
             if not holders:
                 del self._by_object[object_id]
                 self._changed(object_id)
-        self._save(holder)
         return True
+
+
+def write_record(path: Path, payload: bytes | None) -> None:
+    """Write a holder's pin file as ``Pins.record`` gave it (None: remove it)."""
+    if payload is None:
+        path.unlink(missing_ok=True)
+    else:
+        layout.write_file_atomic(path, payload)
