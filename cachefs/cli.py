@@ -24,6 +24,7 @@ from cachefs.types import CacheClient, JobStatus
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a command a closed pipe stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -314,6 +315,8 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     if status.node_id:
         out.write(f"node {status.node_id}\n")
+    if status.members:
+        out.write(f"cluster {len(status.members)} members: {', '.join(status.members)}\n")
     for tier in status.tiers:
         out.write(
             f"tier {tier.name} ({tier.medium}) {tier.path}: "
@@ -391,6 +394,23 @@ def _static_peers(text: str) -> tuple[str, ...]:
     return peers
 
 
+def _check_socket_group(group: str | None) -> None:
+    """``server.socket_group`` names a group of this host (or is a number): a typo must
+    stop the node with the key named, before it listens."""
+    if group is None or group.isdigit():
+        return
+    import grp
+
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        raise ValueError(
+            f"server.socket_group {group!r} is not a group of this host: name an existing "
+            "group or a numeric gid (server.socket_group in the config file, or "
+            "CACHEFS_SERVER__SOCKET_GROUP)"
+        ) from None
+
+
 def _node(args: argparse.Namespace) -> int:
     from cachefs.node import logs
 
@@ -402,6 +422,7 @@ def _node(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"cache_dir": args.cache_dir}
     config = load_config(args.config, overrides)
     server = config.server
+    _check_socket_group(server.socket_group)
     if args.node_id:
         config = dataclasses.replace(
             config, server=dataclasses.replace(server, node_id=args.node_id)
@@ -417,6 +438,37 @@ def _node(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address or server.metrics_address,
     )
     return run(config, listeners)
+
+
+def _command(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO, err: TextIO
+) -> int:
+    """Run a client command (not node or csi); its exit code."""
+    if args.command == "prefetch":
+        return _prefetch(args, out, err)
+    if args.command == "cancel":
+        return _cancel(args, out)
+    if args.command == "ls":
+        return _ls(args, out)
+    if args.command == "evict":
+        return _evict(args, out)
+    if args.command == "unpin":
+        return _unpin(args, out)
+    if args.command == "status":
+        return _status(args, out)
+    if args.command == "label":
+        from cachefs.node.labels import READY, label_key
+        from cachefs.urls import canonical_source
+
+        record = {
+            "source": canonical_source(args.source),
+            "label": label_key(args.source),
+            "value": READY,
+        }
+        out.write(json.dumps(record) + "\n" if args.json else record["label"] + "\n")
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -454,30 +506,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="cachefs: %(levelname)s: %(message)s",
     )
     try:
-        if args.command == "prefetch":
-            return _prefetch(args, out, err)
-        if args.command == "cancel":
-            return _cancel(args, out)
-        if args.command == "ls":
-            return _ls(args, out)
-        if args.command == "evict":
-            return _evict(args, out)
-        if args.command == "unpin":
-            return _unpin(args, out)
-        if args.command == "status":
-            return _status(args, out)
-        if args.command == "label":
-            from cachefs.node.labels import READY, label_key
-            from cachefs.urls import canonical_source
-
-            record = {
-                "source": canonical_source(args.source),
-                "label": label_key(args.source),
-                "value": READY,
-            }
-            out.write(json.dumps(record) + "\n" if args.json else record["label"] + "\n")
-            return 0
-        parser.error(f"unknown command {args.command}")
+        code = _command(parser, args, out, err)
+        out.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        # The reader went away (cachefs status | head -1): stop quietly, as tools do.
+        # Python flushes stdout once more at exit: point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         err.write("cachefs: interrupted\n")
         out.flush()

@@ -28,6 +28,21 @@ from cachefs.types import CacheClient, ObjectInfo
 
 PROTOCOL = "cachefs"
 _PREFIXES = ("cachefs::", "cachefs://")
+_OPTIONS = (
+    "endpoint",
+    "cache_dir",
+    "config",
+    "timeout",
+    "local_reads",
+    "target_protocol",
+    "target_options",
+    "fs",
+    "fo",
+)
+# What fsspec's own filesystem base takes (skip_instance_cache never reaches __init__).
+_BASE_OPTIONS = frozenset(
+    {"use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop"}
+)
 
 
 class CacheFileSystem(ChainedFileSystem):
@@ -57,6 +72,14 @@ class CacheFileSystem(ChainedFileSystem):
         ``timeout`` bounds each call to a node (seconds); ``local_reads=False`` sends
         every read through the node even when its file is visible here.
         """
+        unknown = sorted(set(kwargs) - _BASE_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"the cachefs filesystem has no option {unknown[0]!r}; its options are "
+                f"{', '.join(_OPTIONS)} (and fsspec's {', '.join(sorted(_BASE_OPTIONS))}); "
+                "an origin's own options go in target_options, or as "
+                "fsspec.open('cachefs::s3://...', s3={...})"
+            )
         super().__init__(**kwargs)
         if fs is not None:
             if target_protocol is not None:

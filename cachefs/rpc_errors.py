@@ -28,6 +28,8 @@ from cachefs.errors import (
 )
 
 ERROR_KEY = "cachefs-error"
+# What gRPC reports when the peer answered with something other than HTTP/2.
+_NOT_GRPC = "Failed parsing HTTP/2"
 
 # Most specific first: the first class an exception is an instance of wins.
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -113,6 +115,23 @@ def from_rpc_error(error: grpc.RpcError, endpoint: str, timeout: float | None) -
     kind = trailing.get(ERROR_KEY)
     if kind:
         return rebuild(str(kind), details)
+    if code == grpc.StatusCode.UNAVAILABLE and _NOT_GRPC in details:
+        return NodeUnavailableError(
+            f"the endpoint {endpoint} answers, but it is not a cachefs node's gRPC port "
+            "(it speaks HTTP/1: perhaps the node's metrics port?); point CACHEFS_ENDPOINT "
+            "at the node's --address (server.address) or its unix socket"
+        )
+    if (
+        code == grpc.StatusCode.UNAVAILABLE
+        and endpoint.startswith("unix://")
+        and "Permission denied" in details
+    ):
+        return PermissionError(
+            errno.EACCES,
+            f"this process may not connect to the cachefs node's socket {endpoint} "
+            f"({details}); run it as a member of the socket's group (the node's "
+            "server.socket_group) or with a token",
+        )
     if code == grpc.StatusCode.UNAVAILABLE or code == grpc.StatusCode.CANCELLED:
         return NodeUnavailableError(
             f"the cachefs node at {endpoint} is unavailable ({details}); check that "

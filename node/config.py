@@ -268,7 +268,12 @@ def _build(raw: dict[str, Any]) -> Config:
         raise ValueError("config key 'retry' must be a mapping")
     retry = RetryConfig(
         **{
-            k: type(getattr(RetryConfig, k))(v)
+            k: _number(
+                v,
+                f"retry.{k}",
+                low=_RETRY_LOWS[k],
+                whole=isinstance(getattr(RetryConfig, k), int),
+            )
             for k, v in retry_raw.items()
             if _check_key("retry", k, RetryConfig)
         }
@@ -277,18 +282,16 @@ def _build(raw: dict[str, Any]) -> Config:
     csi = _build_csi(raw.get("csi") or {})
     cluster = _build_cluster(raw.get("cluster") or {})
     scrub = _build_scrub(raw.get("scrub"))
-    block_size = parse_size(raw.get("block_size", DEFAULT_BLOCK_SIZE))
+    block_size = _size(raw.get("block_size", DEFAULT_BLOCK_SIZE), "block_size")
     if block_size < 4096 or block_size % 4096:
-        raise ValueError(f"block_size must be a multiple of 4 KiB, at least 4 KiB: {block_size}")
-    concurrency = int(raw.get("concurrency", 16))
-    if not 1 <= concurrency <= 256:
-        raise ValueError(f"concurrency must be between 1 and 256: {concurrency}")
-    origin_connections = int(raw.get("origin_connections", 64))
-    if not 1 <= origin_connections <= 4096:
         raise ValueError(
-            f"origin_connections must be between 1 and 4096: {origin_connections} "
-            "(CACHEFS_ORIGIN_CONNECTIONS)"
+            f"block_size must be a multiple of 4 KiB, at least 4 KiB, not {block_size} "
+            f"({_env_name('block_size')})"
         )
+    concurrency = _number(raw.get("concurrency", 16), "concurrency", low=1, high=256, whole=True)
+    origin_connections = _number(
+        raw.get("origin_connections", 64), "origin_connections", low=1, high=4096, whole=True
+    )
     _check_retry(retry)
     origins = tuple(
         OriginConfig(prefix=str(o["prefix"]), options=dict(o.get("options") or {}))
@@ -300,8 +303,10 @@ def _build(raw: dict[str, Any]) -> Config:
         block_size=block_size,
         concurrency=concurrency,
         origin_connections=origin_connections,
-        revalidate_after=float(raw.get("revalidate_after", 60.0)),
-        readahead_blocks=int(raw.get("readahead_blocks", 4)),
+        revalidate_after=_number(raw.get("revalidate_after", 60.0), "revalidate_after", low=0),
+        readahead_blocks=_number(
+            raw.get("readahead_blocks", 4), "readahead_blocks", low=0, whole=True
+        ),
         group=str(raw["group"]) if raw.get("group") is not None else None,
         origins=origins,
         allow_redirects_to=_build_networks(raw.get("allow_redirects_to")),
@@ -354,8 +359,10 @@ def _build_cluster(raw: Any) -> ClusterConfig:
             if not isinstance(value, bool):
                 raise ValueError(f"cluster.{key} must be true or false, not {value!r}")
             values[key] = value
+        elif key == "dns_port":
+            values[key] = _number(value, "cluster.dns_port", low=1, high=65535, whole=True)
         elif isinstance(default, int | float):
-            values[key] = type(default)(value)
+            values[key] = _number(value, f"cluster.{key}", low=0, whole=isinstance(default, int))
         else:
             values[key] = str(value)
     cluster = ClusterConfig(**values)
@@ -456,11 +463,11 @@ def _build_server(raw: Any) -> ServerConfig:
                     "for others (e.g. 0660)"
                 )
         elif key == "max_request_bytes":
-            values[key] = parse_size(value)
+            values[key] = _size(value, "server.max_request_bytes")
         elif key in ("shutdown_grace",):
-            values[key] = float(value)
+            values[key] = _number(value, f"server.{key}", low=0)
         elif key == "workers":
-            values[key] = int(value)
+            values[key] = _number(value, "server.workers", low=1, whole=True)
         else:
             values[key] = str(value)
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
@@ -477,19 +484,79 @@ def _check_entry(section: str, index: int, item: Any, known: set[str], required:
     return True
 
 
+# The least value of each retry key.
+_RETRY_LOWS: dict[str, float] = {
+    "attempts": 1,
+    "base_delay": 0,
+    "max_delay": 0,
+    "timeout": 0.001,
+    "min_rate": 1,
+    "throttle_delay": 0,
+    "max_retry_after": 0,
+    "breaker_failures": 0,
+    "breaker_cooldown": 0,
+}
+
+
+def _env_name(name: str) -> str:
+    """The environment variable that sets config key ``name`` ("retry.attempts" ->
+    CACHEFS_RETRY__ATTEMPTS; a list's entries, "tiers[0].quota", come with the list's)."""
+    return "CACHEFS_" + name.split("[", 1)[0].replace(".", "__").upper()
+
+
+def _shown(value: Any) -> str:
+    return (
+        f"{value:g}"
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else repr(value)
+    )
+
+
+def _number(
+    value: Any, name: str, *, low: float, high: float | None = None, whole: bool = False
+) -> Any:
+    """A numeric config value, checked: the error names the key, says what it must be
+    and names the environment variable that sets it."""
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is not None and (not math.isfinite(number) or (whole and number != int(number))):
+        number = None
+    span = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+    if number is None:
+        kind = "a whole number" if whole else "a number"
+        span = f"of at least {low:g}" if high is None else span
+        raise ValueError(f"{name} must be {kind} {span}, not {_shown(value)} ({_env_name(name)})")
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{name} must be {span}, not {_shown(value)} ({_env_name(name)})")
+    return int(number) if whole else float(number)
+
+
+def _size(value: Any, name: str) -> int:
+    """A size config value ("8MiB", 40GiB, 1000000), checked like ``_number``."""
+    try:
+        return parse_size(value)
+    except ValueError:
+        pass
+    if (isinstance(value, int | float) and value < 0) or str(value).strip().startswith("-"):
+        raise ValueError(
+            f"{name} must be a size of 0 or more, not a negative one: {_shown(value)} "
+            f"({_env_name(name)})"
+        ) from None
+    raise ValueError(
+        f"{name} is not a size: {_shown(value)} ({_env_name(name)}); write e.g. 8MiB, "
+        "40GiB, 1000000"
+    ) from None
+
+
 def _check_retry(retry: RetryConfig) -> None:
     """Each retry key in its range; the error names the key and its variable."""
-    for key, low in (
-        ("attempts", 1),
-        ("base_delay", 0),
-        ("max_delay", 0),
-        ("timeout", 0.001),
-        ("min_rate", 1),
-        ("throttle_delay", 0),
-        ("max_retry_after", 0),
-        ("breaker_failures", 0),
-        ("breaker_cooldown", 0),
-    ):
+    for key, low in _RETRY_LOWS.items():
         value = getattr(retry, key)
         if value < low:
             raise ValueError(
@@ -522,7 +589,7 @@ def _build_tiers(raw: dict[str, Any]) -> tuple[TierConfig, ...]:
                 name=str(item.get("name", medium)),
                 path=Path(item["path"]).expanduser(),
                 medium=medium,
-                quota=parse_size(quota) if quota is not None else None,
+                quota=_size(quota, f"tiers[{index}].quota") if quota is not None else None,
             )
         )
     names = [t.name for t in tiers]

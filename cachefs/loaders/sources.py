@@ -128,11 +128,16 @@ class CachedShard(Shard):
 
     Reads go to the object's verified data file once the cache has all of it and this
     host can see the file (``switch_to_local``); before that through the client, which
-    waits for the blocks the prefetch is filling, or fills them itself.
+    waits for the blocks the prefetch is filling, or fills them itself. With
+    ``allow_local=False`` (the filesystem's ``local_reads=False``) every read goes
+    through the client.
     """
 
-    def __init__(self, client: CacheClient, url: str, info: ObjectInfo) -> None:
+    def __init__(
+        self, client: CacheClient, url: str, info: ObjectInfo, allow_local: bool = True
+    ) -> None:
         self.client = client
+        self.allow_local = allow_local
         self.url = url
         self.info = info
         self.name = info.url
@@ -141,7 +146,7 @@ class CachedShard(Shard):
         self._lock = threading.Lock()
         self.local_reads = 0  # reads served from the data file, and through the client
         self.client_reads = 0
-        path = client.local_path(info) if info.complete else None
+        path = client.local_path(info) if info.complete and allow_local else None
         if path is not None:
             self._open(path)
 
@@ -170,6 +175,8 @@ class CachedShard(Shard):
         """Read from the data file from now on, if the object is complete and visible."""
         if self.local:
             return True
+        if not self.allow_local:
+            return False
         try:
             current = self.client.stat(self.url)
         except OSError:
@@ -365,7 +372,10 @@ def client_of(storage_options: dict[str, Any] | None, filesystem: Any) -> CacheC
 def _resolve_url(
     url: str, storage_options: dict[str, Any] | None, filesystem: Any, prefetch: bool
 ) -> Resolved:
-    client = client_of(storage_options, filesystem)
+    fs = _filesystem(storage_options, filesystem)
+    client: CacheClient = fs.client
+    allow_local = bool(getattr(fs, "local_reads", True))
+    given = url
     index_url: str | None = None
     shard_urls: list[str] = []
     if url.endswith(".index.json"):
@@ -378,26 +388,32 @@ def _resolve_url(
         except FileNotFoundError:
             url += "/"  # maybe a prefix without its slash: the listing will tell
         else:
-            return _start(Resolved([CachedShard(client, url, info)]), client, prefetch)
+            return _start(Resolved([CachedShard(client, url, info, allow_local)]), client, prefetch)
     if index_url is None:
         prefix = url
-        names = {
-            entry["name"]: entry
-            for entry in client.ls(prefix)
-            if entry.get("type", "file") == "file"
-        }
+        try:
+            listing = client.ls(prefix)
+        except FileNotFoundError:
+            listing = []
+        names = {entry["name"]: entry for entry in listing if entry.get("type", "file") == "file"}
         candidate = prefix + INDEX_NAME
         if any(n == candidate or n.endswith("/" + INDEX_NAME) for n in names):
             index_url = candidate
         else:
             shard_urls = sorted(n for n in names if n.endswith(".safetensors"))
             if not shard_urls:
-                raise FileNotFoundError(
-                    errno.ENOENT, f"{prefix} holds no *.safetensors objects and no {INDEX_NAME}"
-                )
-            shards = _open_all(lambda u: CachedShard(client, u, client.stat(u)), shard_urls)
+                message = f"{prefix} holds no *.safetensors objects and no {INDEX_NAME}"
+                if not listing:
+                    message = f"{given}: no such object or prefix"
+                raise FileNotFoundError(errno.ENOENT, message)
+            shards = _open_all(
+                lambda u: CachedShard(client, u, client.stat(u), allow_local), shard_urls
+            )
             return _start(Resolved(shards), client, prefetch)
-    info = client.stat(index_url)
+    try:
+        info = client.stat(index_url)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"{index_url}: no such object") from None
     weight_map = parse_index(info.url, client.read(info, 0, info.size))
     base = index_url.rsplit("/", 1)[0] + "/"
     shards_and_firsts = _shard_names(weight_map)
@@ -409,7 +425,7 @@ def _resolve_url(
             shard_info = client.stat(shard_url)
         except (FileNotFoundError, IsADirectoryError):
             raise MissingShardError(info.url, name, tensor, f"object {shard_url}") from None
-        return CachedShard(client, shard_url, shard_info)
+        return CachedShard(client, shard_url, shard_info, allow_local)
 
     shards = _open_all(open_shard, shards_and_firsts)
     by_file = {name: shards[i].name for i, (name, _) in enumerate(shards_and_firsts)}

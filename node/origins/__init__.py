@@ -33,6 +33,22 @@ from cachefs.urls import OriginURL, parse_url
 __all__ = ["ObjectRef", "Origin"]
 
 
+# Each protocol's extra (pyproject.toml's optional dependencies) and the module it brings.
+_EXTRAS: dict[str, tuple[str, str]] = {
+    "s3": ("s3", "s3fs"),
+    "s3a": ("s3", "s3fs"),
+    "gs": ("gcs", "gcsfs"),
+    "gcs": ("gcs", "gcsfs"),
+    "az": ("azure", "adlfs"),
+    "abfs": ("azure", "adlfs"),
+    "abfss": ("azure", "adlfs"),
+    "adl": ("azure", "adlfs"),
+    "hf": ("hf", "huggingface_hub"),
+    "http": ("http", "aiohttp"),
+    "https": ("http", "aiohttp"),
+}
+
+
 class Backend(Protocol):
     def stat(self, url: OriginURL) -> ObjectRef: ...
     def list(self, url: OriginURL) -> list[ObjectRef]: ...
@@ -87,9 +103,16 @@ class Origin:
 
             return FsspecBackend(protocol, options)
         except ImportError as exc:
+            extra, module = _EXTRAS.get(protocol, (None, None))
+            missing = exc.name or module or "a package"
+            hint = (
+                f"pip install 'cachefs[{extra}]'"
+                if extra
+                else f"install the fsspec implementation of {protocol}://"
+            )
             raise ImportError(
-                f"the {protocol}:// backend is not installed ({exc.name} is missing); "
-                f"install cachefs with the extra for it, e.g. pip install 'cachefs[{protocol}]'"
+                f"the {protocol}:// backend is not installed ({missing} is missing): {hint}",
+                name=missing,
             ) from exc
 
     def _timed(self, operation: str, url: OriginURL, fn: Callable[[], Any]) -> Any:
