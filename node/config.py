@@ -292,7 +292,6 @@ def _build(raw: dict[str, Any]) -> Config:
     origin_connections = _number(
         raw.get("origin_connections", 64), "origin_connections", low=1, high=4096, whole=True
     )
-    _check_retry(retry)
     origins = tuple(
         OriginConfig(prefix=str(o["prefix"]), options=dict(o.get("options") or {}))
         for i, o in enumerate(raw.get("origins") or ())
@@ -552,16 +551,6 @@ def _size(value: Any, name: str) -> int:
         f"{name} is not a size: {_shown(value)} ({_env_name(name)}); write e.g. 8MiB, "
         "40GiB, 1000000"
     ) from None
-
-
-def _check_retry(retry: RetryConfig) -> None:
-    """Each retry key in its range; the error names the key and its variable."""
-    for key, low in _RETRY_LOWS.items():
-        value = getattr(retry, key)
-        if value < low:
-            raise ValueError(
-                f"retry.{key} must be at least {low}, not {value:g} (CACHEFS_RETRY__{key.upper()})"
-            )
 
 
 def _check_key(section: str, key: str, cls: type) -> bool:

@@ -181,6 +181,21 @@ class CsiProcess(CachefsProcess):
         super().__init__(args, token=None, env=env)
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The ``cachefs`` command as a user runs it: a subprocess without this process's
+    CACHEFS_ settings, plus ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cachefs.cli", *args],
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def loopback_addresses(count: int) -> list[str]:
     """``127.0.0.<n>:<port>`` for n = 1..count, each port free on its host when probed:
     a static cluster's members must be named before the nodes start."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from daemon import run_cli
 from servers import NOBODY_GID, wait_for
 
 from cachefs.client import NodeClient
@@ -26,15 +26,7 @@ NOBODY_UID = 65534
 
 
 def _cli(node: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
-    env["CACHEFS_ENDPOINT"] = node.unix_endpoint
-    return subprocess.run(
-        [sys.executable, "-m", "cachefs.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, env={"CACHEFS_ENDPOINT": node.unix_endpoint})
 
 
 def _node(start_node: Any, tmp_path: Path, *, concurrency: int = 2, **extra: Any) -> Any:

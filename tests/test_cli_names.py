@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from daemon import TOKEN, loopback_addresses
-from servers import RangeHTTPServer, S3Bucket
-from test_node_security import _self_signed
+from servers import RangeHTTPServer, S3Bucket, self_signed_cert
 
 BLOCK = 64 * 1024
 Cli = Callable[..., subprocess.CompletedProcess]
@@ -197,8 +196,8 @@ def test_retry_attempts_from_the_environment_and_v_logs_each_retry(
 
 @pytest.mark.exercises("CACHEFS_TLS_CA", "CACHEFS_TOKEN", "CACHEFS_TOKEN_FILE", "--endpoint")
 def test_a_cli_client_trusts_the_ca_in_cachefs_tls_ca(start_node, tmp_path: Path, cli: Cli) -> None:
-    cert, key = _self_signed(tmp_path, "node")
-    other, _ = _self_signed(tmp_path, "other")
+    cert, key = self_signed_cert(tmp_path, "node")
+    other, _ = self_signed_cert(tmp_path, "other")
     cache = tmp_path / "cache"
     config = tmp_path / "node.yaml"
     server = {"tls_cert": str(cert), "tls_key": str(key)}

@@ -391,13 +391,8 @@ def test_an_unknown_variable_is_named(tmp_path: Path) -> None:
 
 def test_client_variables_are_not_config_keys(tmp_path: Path) -> None:
     """The CLI reads the pod token file itself; the config never sees it."""
-    import os
-    import subprocess
-    import sys
+    from daemon import run_cli
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
-    env.update(CACHEFS_POD_TOKEN_FILE=str(tmp_path / "token"), CACHEFS_CACHE_DIR=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, "-m", "cachefs.cli", "ls"], env=env, capture_output=True, text=True
-    )
+    env = {"CACHEFS_POD_TOKEN_FILE": str(tmp_path / "token"), "CACHEFS_CACHE_DIR": str(tmp_path)}
+    result = run_cli("ls", env=env)
     assert result.returncode == 0, result.stderr

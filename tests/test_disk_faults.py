@@ -14,14 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from daemon import NodeProcess
+from daemon import NodeProcess, run_cli
 from fault_fs import FaultFS, unavailable
 from helpers import Background
 from servers import S3Bucket, wait_for
@@ -29,7 +28,6 @@ from servers import S3Bucket, wait_for
 from cachefs.client import NodeClient
 from cachefs.errors import QuotaExceededError
 from cachefs.node import layout
-from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
 from cachefs.node.store import health
 
@@ -38,20 +36,9 @@ SMALL_BLOCK = 64 * 1024
 OBJECT_DATA = "cache/v1/objects/*/*/data"
 
 
-@pytest.fixture
-def make_engine() -> Iterator[Callable[[list[dict[str, Any]]], Engine]]:
-    """Engines over the tiers given (64 KiB blocks), closed at teardown."""
-    made: list[Engine] = []
-
-    def make(tiers: list[dict[str, Any]]) -> Engine:
-        settings = {"tiers": tiers, "block_size": SMALL_BLOCK, "concurrency": 4}
-        engine = Engine(load_config(overrides=settings, environ={}))
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close()
+def _engine(make_engine: Callable[..., Engine], tiers: list[dict[str, Any]]) -> Engine:
+    """An engine over ``tiers`` (64 KiB blocks), from the shared engine factory."""
+    return make_engine(cache_dir=None, tiers=tiers, block_size=SMALL_BLOCK, concurrency=4)
 
 
 @pytest.fixture
@@ -167,14 +154,7 @@ def test_repeated_write_errors_degrade_the_tier_and_new_data_goes_to_the_next(
     assert _logged(node, "'fast'") and _logged(node, "is degraded")
     assert not any(e.tier == "fast" and e.complete for e in client.cached())
     # cachefs status, as a user runs it, says which tier and why.
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
-    status = subprocess.run(
-        [sys.executable, "-m", "cachefs.cli", "--endpoint", node.unix_endpoint, "status"],
-        env=clean,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = run_cli("--endpoint", node.unix_endpoint, "status")
     fast_line = next(line for line in status.stdout.splitlines() if line.startswith("tier fast"))
     assert "; DEGRADED: " in fast_line and "DEGRADED" not in status.stdout.replace(fast_line, "")
 
@@ -245,7 +225,7 @@ def test_a_hung_disk_holds_up_only_the_reads_that_touch_it(
 def test_past_the_deadline_readers_of_a_hung_disk_are_served_from_the_origin(
     s3: S3Bucket,
     faulty: FaultFS,
-    make_engine: Callable[[list[dict[str, Any]]], Engine],
+    make_engine: Callable[..., Engine],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -254,7 +234,7 @@ def test_past_the_deadline_readers_of_a_hung_disk_are_served_from_the_origin(
     origin while the first still waits. When the disk answers again, the first read
     finishes, and a check of the disk brings the tier back."""
     monkeypatch.setattr(health, "IO_DEADLINE", 0.5)
-    engine = make_engine(_tiers(faulty, tmp_path))
+    engine = _engine(make_engine, _tiers(faulty, tmp_path))
     data = os.urandom(3 * SMALL_BLOCK)
     s3.put("model/h.bin", data)
     url = s3.url("model/h.bin")
@@ -292,14 +272,14 @@ def test_past_the_deadline_readers_of_a_hung_disk_are_served_from_the_origin(
 def test_a_reader_waiting_on_a_fill_that_hangs_fetches_the_block_itself(
     s3: S3Bucket,
     faulty: FaultFS,
-    make_engine: Callable[[list[dict[str, Any]]], Engine],
+    make_engine: Callable[..., Engine],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Single flight joins readers to the fill of a block; when that fill's write
     hangs past the deadline, a joined reader fetches the block itself, uncached."""
     monkeypatch.setattr(health, "IO_DEADLINE", 0.5)
-    engine = make_engine(_tiers(faulty, tmp_path))
+    engine = _engine(make_engine, _tiers(faulty, tmp_path))
     data = os.urandom(SMALL_BLOCK)
     s3.put("model/one.bin", data)
     url = s3.url("model/one.bin")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
 import yaml
+from daemon import run_cli
 
 BLOCK = 64 * 1024
 
@@ -20,15 +20,7 @@ def _cli(tmp_path: Path, s3, *args: str, block_size: int = BLOCK) -> subprocess.
     config.write_text(
         yaml.safe_dump({"cache_dir": str(tmp_path / "cache"), "block_size": block_size})
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
-    env.update(s3.env())
-    return subprocess.run(
-        [sys.executable, "-m", "cachefs.cli", "--config", str(config), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli("--config", str(config), *args, env=s3.env())
 
 
 def _ls(tmp_path: Path, s3, block_size: int = BLOCK) -> dict[str, dict]:

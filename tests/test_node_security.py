@@ -7,9 +7,7 @@ across processes, client deadlines, and who may connect to the unix socket.
 
 from __future__ import annotations
 
-import datetime
 import errno
-import ipaddress
 import json
 import os
 import subprocess
@@ -21,7 +19,7 @@ from typing import Any
 import fsspec
 import pytest
 from daemon import TOKEN
-from servers import NOBODY_GID, TEST_SECRET_KEY, NobodyRunner, wait_for
+from servers import NOBODY_GID, TEST_SECRET_KEY, NobodyRunner, self_signed_cert, wait_for
 
 from cachefs.client import NodeClient
 from cachefs.errors import NodeUnavailableError, VersionChangedError
@@ -59,44 +57,6 @@ def _node_command(*args: str, env: dict[str, str] | None = None) -> subprocess.C
     )
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for IP 127.0.0.1 and its key: (cert path, key path)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = directory / f"{name}.crt"
-    key_path = directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def _is_json_object(line: str) -> bool:
     try:
         return isinstance(json.loads(line), dict)
@@ -110,8 +70,8 @@ def _is_json_object(line: str) -> bool:
 @pytest.fixture
 def tls_node(start_node, tmp_path, s3, monkeypatch) -> dict[str, Any]:
     """A node whose TCP listener speaks TLS, an object to read, and this client's token."""
-    cert, key = _self_signed(tmp_path, "node")
-    other_cert, _ = _self_signed(tmp_path, "other")
+    cert, key = self_signed_cert(tmp_path, "node")
+    other_cert, _ = self_signed_cert(tmp_path, "other")
     cache = tmp_path / "cache"
     config = _config(tmp_path, cache, server={"tls_cert": str(cert), "tls_key": str(key)})
     node = start_node(cache, config=config, extra_args=("-v",))
@@ -187,7 +147,7 @@ def test_failed_tls_handshakes_keep_the_log_json(tls_node, monkeypatch) -> None:
 
 
 def test_tls_cert_without_key_refuses_to_start(tmp_path) -> None:
-    cert, _key = _self_signed(tmp_path, "node")
+    cert, _key = self_signed_cert(tmp_path, "node")
     cache = tmp_path / "cache"
     config = _config(tmp_path, cache, server={"tls_cert": str(cert)})
     result = _node_command(

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from daemon import run_cli
 from servers import wait_for
 
 from cachefs.client import NodeClient
@@ -37,27 +38,13 @@ def _config(tmp_path: Path, **extra: Any) -> Path:
 
 def _cli(
     config: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "cachefs.cli", "--config", str(config), *args],
-        env={**clean, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+) -> subprocess.CompletedProcess[str]:
+    return run_cli("--config", str(config), *args, env=env)
 
 
 def _cli_at(node: Any, *args: str) -> subprocess.CompletedProcess[str]:
     """The CLI as a client of ``node``."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "cachefs.cli", "--endpoint", node.unix_endpoint, *args],
-        env=clean,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("--endpoint", node.unix_endpoint, *args)
 
 
 def _delays(stderr: str) -> list[float]:

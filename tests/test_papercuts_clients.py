@@ -3,33 +3,18 @@ misspelt options, loader errors and the loader's reads."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
 import pytest
 import yaml
-from daemon import TOKEN
+from daemon import TOKEN, run_cli
 from servers import S3Bucket
 
 from cachefs.client import NodeClient
 
 KiB = 1024
 BLOCK = 16 * KiB
-
-
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "cachefs.cli", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 # -- refused calls ---------------------------------------------------------------
@@ -66,7 +51,7 @@ def test_a_refused_call_is_logged_and_counted(start_node, monkeypatch) -> None:
 
 def test_the_metrics_port_as_endpoint_says_what_it_is(start_node) -> None:
     node = start_node()
-    result = _cli(
+    result = run_cli(
         "status", "--endpoint", node.serving["metrics_address"], env={"CACHEFS_TOKEN": TOKEN}
     )
     assert result.returncode != 0

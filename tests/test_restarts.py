@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
 from conftest import mounts_under
+from daemon import run_cli
 from helpers import Background
 from servers import wait_for
 
@@ -46,21 +45,9 @@ def _config(tmp_path: Path, cache: Path, **server: object) -> Path:
     return path
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The ``cachefs`` command as a user runs it, without this process's CACHEFS_ settings."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CACHEFS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "cachefs.cli", *args],
-        env={**environment, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def _pins(endpoint: str) -> dict[str, int]:
     """The node's pins as ``cachefs status --json`` shows them."""
-    result = _cli("status", "--endpoint", endpoint, "--json")
+    result = run_cli("status", "--endpoint", endpoint, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])["pins"]
 
@@ -286,7 +273,7 @@ def test_a_rolling_upgrade_keeps_the_cache_the_pins_and_the_readers(
     s3.put("cold.bin", cold)
     old = start_node(cache, config=config, socket_path=socket_path)
     endpoint = old.unix_endpoint
-    fetched = _cli(
+    fetched = run_cli(
         "prefetch", "--pin", "--holder", "job:model", "--endpoint", endpoint, s3.url("model/")
     )
     assert fetched.returncode == 0, fetched.stderr

@@ -209,12 +209,7 @@ class Blocks:
         for index, checksum in sorted(obj.present.items()):
             start, end = obj.header.block_span(index)
             view = memoryview(buffer)[: end - start]
-            try:
-                with obj.tier.health.watch("read"):
-                    ok = _pread_exact(obj.data_path, view, start, obj.inode)
-            except OSError as exc:
-                self._note_unreadable(obj, index, exc)
-                ok = False
+            ok = self._read_for_check(obj, index, view, start)
             if ok is None:
                 self._forget(obj)
                 return sorted(obj.present)
@@ -304,12 +299,7 @@ class Blocks:
             if buffer is None:
                 buffer = memoryview(bytearray(obj.header.block_size))
             view = buffer[: end - start]
-            try:
-                with obj.tier.health.watch("read"):
-                    ok = _pread_exact(obj.data_path, view, start, obj.inode)
-            except OSError as exc:
-                self._note_unreadable(obj, index, exc)
-                ok = False
+            ok = self._read_for_check(obj, index, view, start)
             if ok is None:
                 self._forget(obj)
                 return None
@@ -384,6 +374,18 @@ class Blocks:
         for index in indices:
             self._note_unreadable(obj, index, exc)
         self.discard(obj, indices, why="could not be read from the disk")
+
+    def _read_for_check(
+        self, obj: CachedObject, index: int, view: memoryview, start: int
+    ) -> bool | None:
+        """Block ``index`` into ``view`` for a check: False if the disk failed to read
+        it (noted in the tier's health), None if the data file was replaced."""
+        try:
+            with obj.tier.health.watch("read"):
+                return _pread_exact(obj.data_path, view, start, obj.inode)
+        except OSError as exc:
+            self._note_unreadable(obj, index, exc)
+            return False
 
     def _note_unreadable(self, obj: CachedObject, index: int, exc: OSError) -> None:
         if is_fault(exc):
