@@ -40,8 +40,16 @@ def read_token(environ: Mapping[str, str] | None = None) -> str | None:
         if TOKEN_ENV in environ or TOKEN_FILE_ENV in environ:
             raise ValueError(f"the token from {source} is empty: set a non-empty token")
         return None
+    return check_token(token, f"the token from {source}")
+
+
+def check_token(token: str, source: str) -> str:
+    """``token`` if it can travel as metadata; ValueError naming ``source`` (never the
+    token) otherwise."""
+    if not isinstance(token, str) or not token:
+        raise ValueError(f"{source} is empty or not text: give a non-empty token")
     if any(c.isspace() for c in token) or not token.isprintable():
-        raise ValueError(f"the token from {source} holds whitespace or control characters")
+        raise ValueError(f"{source} holds whitespace or control characters")
     return token
 
 

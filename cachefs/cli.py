@@ -25,6 +25,12 @@ from cachefs.types import CacheClient, JobStatus
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a command a closed pipe stopped
+# The CSI plugin's defaults, for its --help (the parser imports no daemon module; a
+# test holds these equal to the plugin's and the config's own).
+CSI_ENDPOINT = "unix:///csi/csi.sock"
+CSI_NODE_ENDPOINT = "unix:///run/cachefs/cachefs.sock"
+CSI_STATE_DIR = "/var/lib/cachefs/csi"
+CSI_PUBLISH_TIMEOUT = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,11 +131,11 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the CSI node plugin",
         description="Serve the CSI Identity and Node services; volumes come from the node "
-        "at --endpoint (CACHEFS_ENDPOINT).",
+        f"at --endpoint (CACHEFS_ENDPOINT; default {CSI_NODE_ENDPOINT}).",
     )
     plugin.add_argument(
         "--csi-endpoint",
-        help="unix:///path.sock kubelet calls (CSI_ENDPOINT; unix:///csi/csi.sock)",
+        help=f"unix:///path.sock kubelet calls (CSI_ENDPOINT; default {CSI_ENDPOINT})",
     )
     plugin.add_argument(
         "--allow",
@@ -138,10 +144,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="an origin prefix every pod's volume may name (repeatable; a policy rule)",
     )
-    plugin.add_argument("--node-id", help="the Kubernetes node name (NODE_NAME)")
-    plugin.add_argument("--state-dir", help="where published volumes are recorded")
+    plugin.add_argument("--node-id", help="the Kubernetes node name (default: NODE_NAME; required)")
     plugin.add_argument(
-        "--publish-timeout", type=float, help="seconds a publish waits for the prefetch"
+        "--state-dir",
+        help=f"where published volumes are recorded (csi.state_dir; default {CSI_STATE_DIR})",
+    )
+    plugin.add_argument(
+        "--publish-timeout",
+        type=float,
+        help="seconds a publish waits for the prefetch "
+        f"(csi.publish_timeout; default {CSI_PUBLISH_TIMEOUT:g})",
     )
     return parser
 
@@ -232,7 +244,8 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         from cachefs.units import format_size
 
         out.write(
-            f"prefetched {result.objects_total} objects, {format_size(result.bytes_total)} "
+            f"prefetched {_count(result.objects_total, 'object')}, "
+            f"{format_size(result.bytes_total)} "
             f"({format_size(result.fetched_bytes)} from the origin, "
             + (f"{format_size(result.peer_bytes)} from peers, " if result.peer_bytes else "")
             + f"{format_size(result.cached_before)} already cached) in {result.seconds:.1f}s"
@@ -241,10 +254,15 @@ def _prefetch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         if result.evicted_during:
             out.write(
-                f"warning: {result.evicted_during} objects were evicted by later ones: the "
+                f"warning: {_count(result.evicted_during, 'object')} evicted by later ones: the "
                 "sources exceed the tier's quota (pin them, or raise the quota)\n"
             )
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 object``, ``2 objects``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _cancel(args: argparse.Namespace, out: TextIO) -> int:
@@ -274,6 +292,7 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
             "pinned_by": list(entry.pinned_by),
             "id": entry.id,
             "verified": entry.verified,
+            "superseded": entry.superseded,
         }
         if args.json:
             _emit(out, record)
@@ -282,9 +301,21 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
             # Checked against the origin's digest (or waiting to be); "blocks" goes unsaid.
             if entry.verified != "blocks":
                 state += f"  verified: {entry.verified}"
+            if entry.superseded:
+                state += "  superseded (evicted first)"
             pins = f"  pinned by {', '.join(entry.pinned_by)}" if entry.pinned_by else ""
-            out.write(f"{entry.url}  {format_size(entry.size)}  {entry.tier}  {state}{pins}\n")
+            out.write(
+                f"{entry.url}  {_short_version(entry.version)}  {format_size(entry.size)}  "
+                f"{entry.tier}  {state}{pins}\n"
+            )
     return 0
+
+
+def _short_version(version: str) -> str:
+    """A version as a column: ETags lose their quotes; a long one keeps its start and
+    its end, where versions differ (an mtime's last digits); ``--json`` has it whole."""
+    text = version.replace('"', "") or "-"
+    return text if len(text) <= 24 else f"{text[:12]}…{text[-8:]}"
 
 
 def _evict(args: argparse.Namespace, out: TextIO) -> int:
@@ -292,7 +323,11 @@ def _evict(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _emit(out, {"event": "done", "objects": evicted.objects, "bytes": evicted.bytes})
     else:
-        out.write(f"evicted {evicted.objects} objects\n")
+        out.write(
+            f"evicted {_count(evicted.objects, 'object')}"
+            + ("" if evicted.objects else " (nothing cached matches)")
+            + "\n"
+        )
     return 0
 
 
@@ -302,7 +337,11 @@ def _unpin(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _emit(out, {"event": "done", "holder": holder, "objects": count})
     else:
-        out.write(f"released {count} pins of {holder}\n")
+        out.write(
+            f"released {_count(count, 'pin')} of {holder}"
+            + ("" if count else " (it holds none of these)")
+            + "\n"
+        )
     return 0
 
 
@@ -321,12 +360,12 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
         out.write(
             f"tier {tier.name} ({tier.medium}) {tier.path}: "
             f"{format_size(tier.used)} of {format_size(tier.quota)} used, "
-            f"{format_size(tier.pinned)} pinned, {tier.objects} objects"
+            f"{format_size(tier.pinned)} pinned, {_count(tier.objects, 'object')}"
             + (f"; DEGRADED: {tier.reason}" if tier.state == "degraded" else "")
             + "\n"
         )
     for holder, count in sorted(status.pins.items()):
-        out.write(f"pin {holder}: {count} objects\n")
+        out.write(f"pin {holder}: {_count(count, 'object')}\n")
     for job in status.jobs:
         out.write(
             f"job {job.id} {job.state}: {format_size(job.bytes_done)} of "
@@ -338,7 +377,10 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     out.write(
         f"served {format_size(served)}"
         + (f", {ratio:.1%} from the cache" if ratio is not None else "")
-        + f"; fetched {format_size(status.fetched_bytes)} from origins\n"
+        + f"; fetched {format_size(status.fetched_bytes)} from origins"
+        # Embedded mode has no daemon to keep counting between commands.
+        + ("" if status.node_id else " (by this command: embedded mode counts per process)")
+        + "\n"
     )
     return 0
 
@@ -516,8 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, out.fileno())
         os.close(devnull)
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         err.write("cachefs: interrupted\n")
+        for note in getattr(interrupt, "__notes__", ()):
+            err.write(f"cachefs: {note}\n")
         out.flush()
         err.flush()
         # Exit now: an embedded engine's fill threads would hold the interpreter until

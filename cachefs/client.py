@@ -33,7 +33,13 @@ from typing import Any
 import grpc
 
 from cachefs import messages, ranges
-from cachefs.auth import POD_TOKEN_FILE_ENV, metadata, read_pod_token, read_token
+from cachefs.auth import (
+    POD_TOKEN_FILE_ENV,
+    check_token,
+    metadata,
+    read_pod_token,
+    read_token,
+)
 from cachefs.errors import IntegrityError, NodeUnavailableError
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
@@ -152,10 +158,11 @@ def reconnect_grace_from_env() -> float:
     return grace
 
 
-def get_client(endpoint: str, timeout: float | None = None) -> NodeClient:
-    """The process's client of ``endpoint`` (one per process id and token: fork-safe)."""
+def get_client(endpoint: str, timeout: float | None = None, token: str | None = None) -> NodeClient:
+    """The process's client of ``endpoint`` (one per process id and token: fork-safe).
+    ``token``: the cluster token to present, else the environment's."""
     _target, tcp = parse_endpoint(endpoint)
-    token = read_token()
+    token = check_token(token, "the token option") if token is not None else read_token()
     ca = os.environ.get(TLS_CA_ENV) if tcp else None
     pod_token_file = os.environ.get(POD_TOKEN_FILE_ENV)
     grace = reconnect_grace_from_env()
@@ -533,7 +540,23 @@ class NodeClient:
         )
         if detach:
             return started
-        return self.wait(started.id, progress)
+        try:
+            return self.wait(started.id, progress)
+        except KeyboardInterrupt as interrupt:
+            # The caller gave up on the job it waited for: stop it on the node too, as a
+            # download in the foreground would stop (--detach leaves one running).
+            try:
+                self.cancel(started.id)
+                interrupt.add_note(
+                    f"job {started.id} on the node was cancelled; the blocks it fetched "
+                    "stay cached (prefetch --detach leaves a job running)"
+                )
+            except Exception as exc:
+                interrupt.add_note(
+                    f"job {started.id} may still run on the node ({exc}): cachefs cancel "
+                    f"{started.id}"
+                )
+            raise
 
     def start_job(self, request: pb.PrefetchRequest, wait_for_ready: bool = False) -> JobStatus:
         """Start a prefetch job as ``request`` describes it; its first status.
@@ -592,10 +615,6 @@ class NodeClient:
         request = pb.ViewRequest(holder=holder, sources=list(sources), tier=tier or "")
         reply = self._call("View", request, timeout=_DAY)
         return ViewInfo(reply.path, reply.objects, reply.bytes)
-
-    def fetch_block(self, request: pb.FetchBlockRequest, timeout: float) -> Iterator[Any]:
-        """A peer's block: BlockChunk messages (the first has checksum and length)."""
-        return self._stream("FetchBlock", request, timeout)
 
     def status(self) -> NodeStatus:
         return messages.node_status(self._call("Status", pb.StatusRequest()))

@@ -81,7 +81,7 @@ class IntegrityError(CacheError):
 
 
 class CacheDirError(CacheError):
-    """The cache directory cannot be created or written."""
+    """The cache directory cannot be created or written, or another owner holds it."""
 
     code = errno.EACCES
 

@@ -30,6 +30,7 @@ PROTOCOL = "cachefs"
 _PREFIXES = ("cachefs::", "cachefs://")
 _OPTIONS = (
     "endpoint",
+    "token",
     "cache_dir",
     "config",
     "timeout",
@@ -64,13 +65,15 @@ class CacheFileSystem(ChainedFileSystem):
         config: str | None = None,
         timeout: float | None = None,
         local_reads: bool = True,
+        token: str | None = None,
         **kwargs: Any,
     ) -> None:
         """``endpoint`` names a node (else CACHEFS_ENDPOINT; else embedded mode, whose
         cache ``cache_dir`` / ``config`` choose). ``target_options`` are the origin's
         storage options: embedded mode uses them, a node never receives them.
         ``timeout`` bounds each call to a node (seconds); ``local_reads=False`` sends
-        every read through the node even when its file is visible here.
+        every read through the node even when its file is visible here; ``token`` is
+        the cluster token a node on TCP asks for (else CACHEFS_TOKEN/_FILE).
         """
         unknown = sorted(set(kwargs) - _BASE_OPTIONS)
         if unknown:
@@ -94,6 +97,7 @@ class CacheFileSystem(ChainedFileSystem):
         self.config_path = config
         self.timeout = timeout
         self.local_reads = local_reads
+        self.token = token
         self.fo = fo
         self._client: tuple[int, CacheClient] | None = None
         if target_protocol is not None:
@@ -120,7 +124,9 @@ class CacheFileSystem(ChainedFileSystem):
         """The node's client, or the embedded engine's: made once per process."""
         if self._client is None or self._client[0] != os.getpid():
             options = {self.target_protocol: self.target_options} if self.target_protocol else None
-            client = connect(self.endpoint, self.cache_dir, self.config_path, options, self.timeout)
+            client = connect(
+                self.endpoint, self.cache_dir, self.config_path, options, self.timeout, self.token
+            )
             self._client = (os.getpid(), client)
         return self._client[1]
 

@@ -78,6 +78,8 @@ class CachedEntry:
     # "blocks" when the origin publishes no digest (each block's xxh3 only),
     # "unverifiable" when its digest cannot be checked (an S3 composite checksum).
     verified: str = "blocks"
+    # The origin reported another version of the URL since: evicted before the rest.
+    superseded: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class NodeStatus:
     rpcs: Mapping[str, int] = field(default_factory=dict)  # calls by method (a node)
     uptime_seconds: float = 0.0
     members: tuple[str, ...] = ()  # the cluster's nodes as this one sees them
+    block_port: int = 0  # where peers fetch blocks (HTTP/1.1); 0: no cluster
 
     @property
     def hit_ratio(self) -> float | None:

@@ -119,6 +119,9 @@ class ClusterConfig:
     kubernetes_api_url: str | None = None  # default: in-cluster configuration
     kubeconfig: str | None = None
     peer_timeout: float = 30.0  # seconds a peer may take for one block
+    # The port peers fetch blocks from (HTTP/1.1, sendfile), on the TCP listener's
+    # host; 0: any free port (nodes learn each other's from Status).
+    block_port: int = 0
     backoff: float = 30.0  # seconds a failing peer is avoided
     label_node: bool = False  # label this node's Node with the sources complete here
 
@@ -360,6 +363,8 @@ def _build_cluster(raw: Any) -> ClusterConfig:
             values[key] = value
         elif key == "dns_port":
             values[key] = _number(value, "cluster.dns_port", low=1, high=65535, whole=True)
+        elif key == "block_port":
+            values[key] = _number(value, "cluster.block_port", low=0, high=65535, whole=True)
         elif isinstance(default, int | float):
             values[key] = _number(value, f"cluster.{key}", low=0, whole=isinstance(default, int))
         else:

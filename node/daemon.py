@@ -16,6 +16,7 @@ import grp
 import logging
 import os
 import shutil
+import ssl
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cachefs.auth import read_token
 from cachefs.client import TLS_CA_ENV
 from cachefs.node.auth import Authenticator
+from cachefs.node.cluster.block_server import BlockServer
 from cachefs.node.cluster.from_config import membership_from_config
 from cachefs.node.cluster.peers import Peers
 from cachefs.node.config import Config
@@ -41,6 +43,7 @@ from cachefs.node.scrubber import Scrubber
 from cachefs.node.server import MAX_CHUNK, CacheServicer, node_id_default
 from cachefs.node.service import CacheService
 from cachefs.node.signals import wait_for_termination
+from cachefs.node.store.ownership import Owner
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cachefs.node")
@@ -96,7 +99,8 @@ class Node:
                 token=read_token(),
                 tls_ca=os.environ.get(TLS_CA_ENV),
             )
-        self.engine = Engine(config, peers=self.peers)
+        endpoint = f"unix://{listeners.socket}" if listeners.socket else listeners.address or ""
+        self.engine = Engine(config, peers=self.peers, owner=Owner(node=True, endpoint=endpoint))
         self.scrubber = Scrubber(self.engine.store, config.scrub) if config.scrub.rate else None
         self.labels = _source_labels(config, self.engine) if config.cluster.label_node else None
         self.service = CacheService(
@@ -111,12 +115,15 @@ class Node:
         self.servers: list[grpc.Server] = []
         self.bound: dict[str, str] = {}
         self._metrics_server: Any = None
+        self._block_server: BlockServer | None = None
         self._stopped = threading.Event()
+        self._serving = False  # set once every listener is up: only then is a stop logged
         try:
             self._listen(listeners)
         except BaseException:
             self.stop(0)
             raise
+        self._serving = True
         if self.scrubber is not None:  # once the listeners are up
             self.scrubber.start()
 
@@ -188,11 +195,28 @@ class Node:
                 self.bound["address"]
             )
             self.bound["self_address"] = self.peers.self_address
+            self._serve_blocks(listeners.address, token)
             self.membership.start()
         if self.labels is not None:
             self.labels.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def _serve_blocks(self, address: str | None, token: str | None) -> None:
+        """The peer block endpoint, on the TCP listener's host (see block_server)."""
+        assert address and token  # a cluster needs the TCP listener, which needs a token
+        host = address.rpartition(":")[0]
+        server_config = self.config.server
+        tls = None
+        if server_config.tls_cert and server_config.tls_key:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(server_config.tls_cert, server_config.tls_key)
+        self._block_server = BlockServer(
+            f"{host}:{self.config.cluster.block_port}", self.service, token, self.calls, tls
+        )
+        self._block_server.start()
+        self.service.block_port = self._block_server.port
+        self.bound["block_address"] = f"{host}:{self._block_server.port}"
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let calls in flight finish within ``grace`` seconds."""
@@ -202,13 +226,17 @@ class Node:
         grace = self.config.server.shutdown_grace if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.service.jobs.shutdown()
+        # The node that replaces this one may take the directories now; this one only
+        # finishes the calls in flight.
+        self.engine.store.release_directories()
         if self.scrubber is not None:
             self.scrubber.stop()
         if self.membership is not None:
             self.membership.stop()
         if self.labels is not None:
             self.labels.stop()
-        log.info("draining: new calls are refused, %d s for calls in flight", grace)
+        if self._serving:  # a node that never started has nothing to drain: its error says
+            log.info("draining: new calls are refused, %d s for calls in flight", grace)
         if self._local_socket is not None:
             self._local_socket.close()  # no new connections; relays in flight go on
         events = [server.stop(grace) for server in self.servers]
@@ -216,6 +244,8 @@ class Node:
             event.wait()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self._block_server is not None:
+            self._block_server.stop()
         # A new node may already listen on this path (an upgrade that started it while
         # this one drained): only the file this node bound is removed.
         socket_path = self._local_socket.path if self._local_socket is not None else None
@@ -226,7 +256,8 @@ class Node:
         self.engine.close()
         if self.peers is not None:
             self.peers.close()
-        log.info("stopped")
+        if self._serving:
+            log.info("stopped")
 
     def wait(self) -> None:
         self._stopped.wait()

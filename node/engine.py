@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -52,6 +53,7 @@ from cachefs.node.origins import ObjectRef, Origin
 from cachefs.node.sinks import BufferSink
 from cachefs.node.stats import EngineStats
 from cachefs.node.store import CachedObject, Store
+from cachefs.node.store.ownership import EMBEDDED, Owner
 from cachefs.units import format_size
 from cachefs.urls import object_id, parse_url
 
@@ -151,6 +153,30 @@ class PrefetchResult:
         )
 
 
+@dataclass(frozen=True)
+class PeerBlock:
+    """A block as a node sends it to a peer: ``length`` bytes of the open data file
+    ``fd`` from ``offset`` (sent by the kernel), or ``data`` when it is not stored."""
+
+    checksum: int  # xxh3-64 of the block, recorded when it was fetched
+    length: int
+    fd: int | None = None
+    offset: int = 0
+    data: bytes | bytearray | None = None
+
+    def read(self) -> bytes:
+        """The block's bytes (for the few paths that cannot send from the file)."""
+        if self.data is not None:
+            return bytes(self.data)
+        assert self.fd is not None
+        return os.pread(self.fd, self.length, self.offset)
+
+    def as_sent(self) -> PeerBlock:
+        """This block, or what a node a test made a liar sends instead."""
+        lie = faults.lying_peer_block(self.read, self.checksum)
+        return self if lie is None else PeerBlock(lie[1], len(lie[0]), data=lie[0])
+
+
 class Engine:
     """One node's cache: a store of tiers in front of the origins."""
 
@@ -159,14 +185,16 @@ class Engine:
         config: Config,
         options: Mapping[str, Mapping[str, Any]] | None = None,
         peers: Peers | None = None,
+        owner: Owner = EMBEDDED,
     ) -> None:
-        """``peers``: the cluster's other nodes, asked for blocks before the origin."""
+        """``peers``: the cluster's other nodes, asked for blocks before the origin;
+        ``owner``: who claims the cache directories (a node, or embedded mode)."""
         self.config = config
         self.peers = peers
         # Called with each manifest a prefetch completed (every object cached).
         self.complete_listeners: list[Callable[[Manifest], None]] = []
         self.stats = EngineStats()
-        self.store = Store(config.tiers, config.group)
+        self.store = Store(config.tiers, config.group, owner)
         self.origin = Origin(config, options, observe=self.stats.observe_origin)
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cachefs-fill")
         self._flights: Flights[tuple[str, int], Filled] = Flights(self._pool)
@@ -179,6 +207,7 @@ class Engine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.store.release_directories()
 
     # -- metadata ----------------------------------------------------------------
 
@@ -223,6 +252,8 @@ class Engine:
         return current
 
     def _remember(self, ref: ObjectRef, now: float) -> None:
+        """``ref`` is the origin's version now (older ones cached are superseded)."""
+        self.store.note_current(ref.canonical, ref.id)
         with self._refs_lock:
             self._stat_cache[ref.canonical] = (now, ref)
             self._stat_cache.move_to_end(ref.canonical)
@@ -454,13 +485,17 @@ class Engine:
 
     # -- peers -------------------------------------------------------------------
 
+    @contextmanager
     def block_for_peer(
         self, ref: ObjectRef, block_size: int, index: int, fill: bool, forwarded: bool
-    ) -> tuple[bytearray, int] | None:
-        """Block ``index`` of ``ref`` and its checksum, for another node.
+    ) -> Iterator[PeerBlock | None]:
+        """Block ``index`` of ``ref`` for another node, while the caller sends it.
 
-        From the store if present (verified), else filled once (single flight with
-        every local reader and every other asker) when ``fill``; else None.
+        From the store if present: the data file's range, verified (a block not
+        checked since the node started is read and checked first), held from
+        eviction while it is sent; else filled once (single flight with every local
+        reader and every other asker) when ``fill``; else None. A block no tier had
+        room for comes as bytes.
         """
         obj = self.store.get(ref.id)
         if obj is not None and obj.header.block_size != block_size:
@@ -475,20 +510,23 @@ class Engine:
         for _attempt in range(_MAX_ATTEMPTS):
             obj = self.store.get(ref.id)
             if obj is not None and index in obj.present:
-                buffer = bytearray(end - start)
-                with self.store.in_use(obj):
-                    checksum = obj.present.get(index)
-                    if checksum is not None and self.store.read(obj, index, 0, memoryview(buffer)):
+                with self.store.in_use(obj), self.store.open_block(obj, index) as opened:
+                    if opened is not None:
+                        fd, checksum = opened
                         self.stats.to_peer(end - start)
-                        return faults.lying_peer_block(buffer, checksum)
+                        yield PeerBlock(checksum, end - start, fd, start).as_sent()
+                        return
             if not fill:
-                return None
+                yield None
+                return
             obj = self.store.place(header)
             work = partial(self._fill, ref, obj, index, forwarded)
             filled = self._flights.run((ref.id, index), work).result()
             if filled.data is not None:  # no room here: hand on what was fetched
                 self.stats.to_peer(end - start)
-                return faults.lying_peer_block(filled.data, xxhash.xxh3_64_intdigest(filled.data))
+                data = filled.data
+                yield PeerBlock(xxhash.xxh3_64_intdigest(data), len(data), data=data).as_sent()
+                return
         raise IntegrityError(
             f"{ref.canonical}: block {index} could not be read back intact for a peer"
         )

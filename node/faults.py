@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 import xxhash
 
@@ -49,15 +50,16 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def corrupt_peer_blocks() -> bool:
-    return os.environ.get("CACHEFS_TEST_CORRUPT_PEER_BLOCKS") == "1"
-
-
-def lying_peer_block(data: bytearray, checksum: int) -> tuple[bytearray, int]:
-    """A block and its checksum as a node sends them to a peer: unchanged, unless the
-    test made it a liar that flips a byte and sends the wrong bytes' checksum."""
-    if os.environ.get("CACHEFS_TEST_CORRUPT_PEER_BLOCKS") != "recompute" or not data:
-        return data, checksum
-    lie = bytearray(data)  # a copy: the block may be shared with local readers
+def lying_peer_block(read: Callable[[], bytes], checksum: int) -> tuple[bytearray, int] | None:
+    """The bytes and checksum a lying node sends a peer instead of a block (``read``
+    gives its true bytes), or None: the node tells the truth. The test makes it a liar
+    with ``CACHEFS_TEST_CORRUPT_PEER_BLOCKS``: ``1`` flips a byte and keeps the true
+    checksum, ``recompute`` flips it and sends the wrong bytes' checksum."""
+    mode = os.environ.get("CACHEFS_TEST_CORRUPT_PEER_BLOCKS")
+    if mode not in ("1", "recompute"):
+        return None
+    lie = bytearray(read())  # a copy: the block may be shared with local readers
+    if not lie:
+        return None
     lie[0] ^= 0xFF
-    return lie, xxhash.xxh3_64_intdigest(lie)
+    return lie, xxhash.xxh3_64_intdigest(lie) if mode == "recompute" else checksum

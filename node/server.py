@@ -7,7 +7,7 @@ status, logs one JSON line, and turns an exception into the status of the one ta
 in ``cachefs.rpc_errors`` (the class name travels in trailing metadata, so a Python
 client raises the same exception again). Read streams chunks of 1-4 MiB read from
 the store; a client that goes away, or whose deadline passes, stops the stream.
-FetchBlock, the peers' call, reads from the engine directly.
+Peers fetch blocks from the block endpoint (``cluster/block_server.py``), not here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from cachefs.node import logs
 from cachefs.node.auth import Authenticator, Unauthenticated
 from cachefs.node.callers import Caller
 from cachefs.node.engine import Manifest
-from cachefs.node.faults import corrupt_peer_blocks
 from cachefs.node.metrics import CallStats
 from cachefs.node.origins import ObjectRef
 from cachefs.node.service import CacheService
@@ -259,34 +258,6 @@ class CacheServicer(pb_grpc.CacheServicer):
     ) -> pb.EvictResponse:
         evicted = self.service.evict(call.caller, request.sources)
         return pb.EvictResponse(objects=evicted.objects, bytes=evicted.bytes)
-
-    @_rpc
-    def FetchBlock(
-        self, request: pb.FetchBlockRequest, context: grpc.ServicerContext, call: _Call
-    ) -> Iterator[pb.BlockChunk]:
-        ref = ObjectRef(parse_url(request.url), request.version, request.size, request.etag or None)
-        block = self.service.block_for_peer(
-            call.caller,
-            ref,
-            request.block_size,
-            request.index,
-            fill=not request.cached_only,
-            forwarded=request.forwarded,
-        )
-        if block is None:
-            raise FileNotFoundError(f"block {request.index} of {ref.canonical} is not cached here")
-        data, checksum = block
-        if corrupt_peer_blocks() and data:  # test-only fault: a peer that lies
-            data = bytearray(data)  # a copy: the block may be shared with local readers
-            data[0] ^= 0xFF
-        view = memoryview(data)
-        for offset in range(0, max(len(data), 1), DEFAULT_CHUNK):
-            piece = view[offset : offset + DEFAULT_CHUNK]
-            call.sent += len(piece)
-            if offset == 0:
-                yield pb.BlockChunk(checksum=checksum, length=len(data), data=bytes(piece))
-            else:
-                yield pb.BlockChunk(data=bytes(piece))
 
     @_rpc
     def Status(

@@ -17,11 +17,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from cachefs.errors import QuotaExceededError, VersionChangedError
 from cachefs.node.callers import Caller
-from cachefs.node.engine import Engine, Manifest
+from cachefs.node.engine import Engine, Manifest, PeerBlock
 from cachefs.node.jobs import Job, JobRegistry
 from cachefs.node.origins import ObjectRef
 from cachefs.node.store import CachedObject
@@ -50,6 +51,7 @@ class CacheService:
         self.engine = engine
         self.policy = engine.config.policy
         self.node_id = node_id
+        self.block_port = 0  # set by the node once its peer block endpoint listens
         self.peers = peers
         self.jobs = JobRegistry()
         self.views = Views(engine)
@@ -140,12 +142,14 @@ class CacheService:
                 pinned_by=tuple(self.engine.store.holders(o.id)),
                 id=o.id,
                 verified=o.verification,
+                superseded=o.superseded,
             )
-            for o in sorted(objects, key=lambda o: o.header.url)
+            for o in sorted(objects, key=lambda o: (o.header.url, o.superseded))
         ]
 
     def evict(self, caller: Caller, sources: Sequence[str]) -> EvictResult:
-        """Evict the cached objects (any version) each source names; pinned ones refuse."""
+        """Evict the cached objects (any version) each source names; pinned ones refuse.
+        Nothing cached is nothing to do (evicting twice succeeds twice)."""
         for source in _checked(sources):
             self.policy.require(caller, "manage", source)
         evicted = [obj for source in sources for obj in self._evict(source)]
@@ -154,8 +158,6 @@ class CacheService:
     def _evict(self, source: str) -> list[CachedObject]:
         store = self.engine.store
         targets = self._matching(source)
-        if not targets:
-            raise FileNotFoundError(f"nothing cached matches {parse_url(source)}")
         pinned = [o for o in targets if store.holders(o.id)]
         if pinned:
             holders = sorted({h for o in pinned for h in store.holders(o.id)})
@@ -169,7 +171,8 @@ class CacheService:
 
     def unpin(self, caller: Caller, holder: str, sources: Sequence[str] = ()) -> int:
         """Release ``holder``'s pins of ``sources``; with none, all of them and its view.
-        A caller that does not manage names its own holders (``Policy.holder``)."""
+        A caller that does not manage names its own holders (``Policy.holder``). Pins
+        released already are nothing to do (the count says 0)."""
         holder = self.policy.holder(caller, holder)
         if sources:
             return sum(self._unpin(holder, source) for source in _checked(sources))
@@ -177,10 +180,7 @@ class CacheService:
         return self._unpin(holder, None)
 
     def _unpin(self, holder: str, source: str | None) -> int:
-        pins = self.engine.store.pins()
-        if holder not in pins:
-            raise FileNotFoundError(f"no pins held by {holder!r}")
-        ids = set(pins[holder])
+        ids = set(self.engine.store.pins().get(holder, ()))
         if source is not None:
             ids &= {o.id for o in self._matching(source)}
         self.engine.store.unpin(holder, ids)
@@ -380,9 +380,10 @@ class CacheService:
         index: int,
         fill: bool,
         forwarded: bool,
-    ) -> tuple[bytearray, int] | None:
-        """Block ``index`` of ``ref`` and its checksum, for another node: only peers ask,
-        and only in this node's block size (so no caller chooses how much it holds)."""
+    ) -> AbstractContextManager[PeerBlock | None]:
+        """Block ``index`` of ``ref`` for another node, held while it is sent: only
+        peers ask, and only in this node's block size (so no caller chooses how much
+        it holds)."""
         self.policy.require_everywhere(caller, "peer")
         if block_size != self.engine.config.block_size:
             raise ValueError(
@@ -420,6 +421,7 @@ class CacheService:
             fetched_bytes=stats["fetched_bytes"],
             uptime_seconds=time.monotonic() - self.started,
             members=tuple(self.peers.membership.members()) if self.peers else (),
+            block_port=self.block_port,
         )
 
 

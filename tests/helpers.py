@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -36,3 +38,19 @@ class Background:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+def interrupt_when_held(argv: list[str], env: dict[str, str], gate: Any) -> tuple[int, str, str]:
+    """Run ``argv``, press Ctrl-C (SIGINT) once it holds a request at ``gate``, and
+    return (exit status, stdout, stderr); the gate opens only after it exited."""
+    child = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        gate.wait_held(count=1, timeout=30)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)  # while the request is still held
+    finally:
+        gate.release()
+        child.kill()
+    return child.returncode, out, err

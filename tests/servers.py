@@ -1191,8 +1191,11 @@ def make_traversable(path: Path, stop: Path) -> None:
             break
 
 
-def self_signed_cert(directory: Path, name: str = "tls") -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 that signs itself, and its key: (cert, key) PEM files.
+def self_signed_cert(
+    directory: Path, name: str = "tls", hosts: Sequence[str] = ("127.0.0.1",)
+) -> tuple[Path, Path]:
+    """A certificate for ``hosts`` (IP addresses) that signs itself, and its key: (cert,
+    key) PEM files.
 
     A client trusts it with ``SSL_CERT_FILE=<cert>`` (OpenSSL's default verify paths).
     """
@@ -1216,7 +1219,9 @@ def self_signed_cert(directory: Path, name: str = "tls") -> tuple[Path, Path]:
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(host)) for host in hosts]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)

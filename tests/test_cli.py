@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import interrupt_when_held
 from servers import RangeHTTPServer, S3Bucket
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_prefetch_human_output(cli: Cli, files: RangeHTTPServer, cache_dir: Path
     """Without --json: one summary line, and no progress bar when stderr is not a terminal."""
     out = ok(cli("--cache-dir", str(cache_dir), "prefetch", files.url("/m/a.bin")))
     assert re.fullmatch(
-        r"prefetched 1 objects, 200\.0 KiB \(200\.0 KiB from the origin, 0 B already cached\)"
+        r"prefetched 1 object, 200\.0 KiB \(200\.0 KiB from the origin, 0 B already cached\)"
         r" in \d+\.\ds\n",
         out,
     ), out
@@ -171,20 +171,25 @@ def test_ls_pin_evict_unpin(cli: Cli, files: RangeHTTPServer, cache_dir: Path) -
         True,
     )
     human = ok(cli(*c, "ls", files.url("/m/"))).splitlines()
+    version = {u: e["version"].replace('"', "") for u, e in listed.items()}
+    short = {u: v if len(v) <= 24 else f"{v[:12]}…{v[-8:]}" for u, v in version.items()}
     assert human == [
-        f"{a}  200.0 KiB  disk  complete  pinned by job:train",
-        f"{b}  50.0 KiB  disk  complete",
+        f"{a}  {short[a]}  200.0 KiB  disk  complete  pinned by job:train",
+        f"{b}  {short[b]}  50.0 KiB  disk  complete",
     ]
     assert [e["url"] for e in json_lines(ok(cli(*c, "ls", "--json", b)))] == [b]
 
     failed(cli(*c, "evict", a), "pinned", "job:train", "unpin")
     failed(cli(*c, "evict", files.url("/m/")), "1 of the 2 objects are pinned", "job:train")
     assert len(json_lines(ok(cli(*c, "ls", "--json")))) == 2  # a failed evict evicts nothing
-    failed(cli(*c, "unpin", "--holder", "job:nobody", a), "no pins held by 'job:nobody'")
-    assert ok(cli(*c, "unpin", "--holder", "job:train", a)) == "released 1 pins of job:train\n"
-    assert ok(cli(*c, "evict", a)) == "evicted 1 objects\n"
+    # Nothing to release, nothing to evict: done already, so success that says so.
+    assert ok(cli(*c, "unpin", "--holder", "job:nobody", a)) == (
+        "released 0 pins of job:nobody (it holds none of these)\n"
+    )
+    assert ok(cli(*c, "unpin", "--holder", "job:train", a)) == "released 1 pin of job:train\n"
+    assert ok(cli(*c, "evict", a)) == "evicted 1 object\n"
     assert [e["url"] for e in json_lines(ok(cli(*c, "ls", "--json")))] == [b]
-    failed(cli(*c, "evict", a), "nothing cached matches", a)
+    assert ok(cli(*c, "evict", a)) == "evicted 0 objects (nothing cached matches)\n"
     evicted = json_lines(ok(cli(*c, "evict", "--json", b)))
     assert evicted == [{"event": "done", "objects": 1, "bytes": evicted[0]["bytes"]}]
     assert evicted[0]["bytes"] >= len(DATA_B)
@@ -244,7 +249,7 @@ def test_tier_and_status(cli: Cli, files: RangeHTTPServer, tmp_path: Path) -> No
     assert usage["disk"]["path"] == str(tmp_path / "disk")
     human = ok(cli("--config", config, "status")).splitlines()
     assert human[0].startswith(f"tier fast (disk) {tmp_path / 'fast'}: ")
-    assert "of 1.0 MiB used" in human[0] and "1 objects" in human[0]
+    assert "of 1.0 MiB used" in human[0] and "1 object" in human[0]
     failed(
         cli("--config", config, "prefetch", "--tier", "tape", files.url("/m/a.bin")),
         "no tier named 'tape'",
@@ -291,21 +296,9 @@ def test_interrupt_exits_130(cli: Cli, files: RangeHTTPServer, cache_dir: Path) 
     """Ctrl-C during a prefetch: exit 130 and a one-line note, without waiting for the
     fills in flight (the held GET is only released after the exit)."""
     with files.hold_gets("/m/a.bin") as gate:
-        child = subprocess.Popen(
-            cli.argv("--cache-dir", str(cache_dir), "prefetch", files.url("/m/a.bin")),
-            env=cli.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            gate.wait_held(count=1, timeout=30)
-            child.send_signal(signal.SIGINT)
-            out, err = child.communicate(timeout=60)  # while the GET is still held
-        finally:
-            gate.release()
-            child.kill()
-    assert child.returncode == 130, (out, err)
+        argv = cli.argv("--cache-dir", str(cache_dir), "prefetch", files.url("/m/a.bin"))
+        code, out, err = interrupt_when_held(argv, cli.env(), gate)
+    assert code == 130, (out, err)
     assert err.strip().splitlines()[-1] == "cachefs: interrupted"
 
 
@@ -351,4 +344,4 @@ def test_progress_bar_on_a_terminal(cli: Cli, big_file: str, cache_dir: Path) ->
     assert last.group(3) == "2.0 MiB"
     assert float(last.group(4)) > 0
     assert "1/1 objects" in frames[-1]
-    assert "prefetched 1 objects, 2.0 MiB" in output
+    assert "prefetched 1 object, 2.0 MiB" in output

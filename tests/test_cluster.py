@@ -1,7 +1,7 @@
 """A cluster of real nodes on 127.0.0.x: the origin serves each block once.
 
 Four ``cachefs node`` processes with a static membership share blocks through
-FetchBlock; the S3 origin (moto) counts every GET.
+the block endpoint (HTTP, sendfile); the S3 origin (moto) counts every GET.
 """
 
 from __future__ import annotations

@@ -326,7 +326,7 @@ def test_foreign_meta_is_retired_on_start(
 
 
 _DISK_NAME = re.compile(
-    r"FORMAT|v1|objects|trash|pins|views|data|meta|[0-9a-f]{2}|[0-9a-f]{32}|[0-9a-f]{16}\.json"
+    r"FORMAT|LOCK|v1|objects|trash|pins|views|data|meta|[0-9a-f]{2}|[0-9a-f]{32}|[0-9a-f]{16}\.json"
 )
 
 

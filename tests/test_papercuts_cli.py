@@ -3,7 +3,9 @@ bad numbers in the config, a closed pipe, a typo in a group name, the cluster's 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from daemon import NodeProcess, loopback_addresses
+from helpers import interrupt_when_held
+from servers import RangeHTTPServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +38,9 @@ def _run(
         text=True,
         timeout=60,
     )
+
+
+_CLI = (sys.executable, "-m", "cachefs.cli")
 
 
 def _error(result: subprocess.CompletedProcess[str]) -> str:
@@ -182,3 +189,96 @@ def test_prefetch_wait_returns_when_the_objects_are_cached(tmp_path: Path) -> No
     listing = _run(tmp_path, "ls", url)
     assert listing.returncode == 0, listing.stderr
     assert "complete" in listing.stdout, listing.stdout
+
+
+def test_ctrl_c_of_a_prefetch_through_a_node_cancels_its_job(
+    tmp_path: Path, start_node: Callable[..., NodeProcess], http_origin: RangeHTTPServer
+) -> None:
+    """Ctrl-C while a prefetch waits on a node stops the node's job too, and says so:
+    the job must not go on fetching unseen."""
+    http_origin.put("/big.bin", os.urandom(256 * 1024))
+    node = start_node()
+    with http_origin.hold_gets("/big.bin") as gate:
+        argv = [*_CLI, "--endpoint", node.unix_endpoint, "prefetch", http_origin.url("/big.bin")]
+        code, out, err = interrupt_when_held(argv, _env(tmp_path / "unused"), gate)
+    assert code == 130, (out, err)
+    lines = err.strip().splitlines()
+    assert lines[-2] == "cachefs: interrupted", err
+    job_id = re.fullmatch(r"cachefs: job (\S+) on the node was cancelled; .*", lines[-1])
+    assert job_id, err
+    status = json.loads(_run(tmp_path, "--endpoint", node.unix_endpoint, "--json", "status").stdout)
+    assert {j["id"]: j["state"] for j in status["jobs"]}[job_id.group(1)] == "cancelled"
+
+
+def test_ls_has_a_version_column_and_old_versions_are_marked(tmp_path: Path) -> None:
+    """Two versions of one URL are told apart, and the one the origin replaced says it
+    goes first."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"a" * 5000)
+    os.utime(model, (1_000_000_000, 1_000_000_000))
+    assert _run(tmp_path, "prefetch", model.as_uri()).returncode == 0
+    model.write_bytes(b"b" * 6000)
+    assert _run(tmp_path, "prefetch", model.as_uri()).returncode == 0
+
+    entries = [json.loads(line) for line in _run(tmp_path, "ls", "--json").stdout.splitlines()]
+    assert [(e["size"], e["superseded"]) for e in entries] == [(6000, False), (5000, True)]
+    lines = _run(tmp_path, "ls").stdout.splitlines()
+    assert len(lines) == 2
+    columns = [line.split("  ") for line in lines]
+    assert [c[0] for c in columns] == [model.as_uri()] * 2, lines
+    versions = [e["version"] for e in entries]
+    assert versions[0] != versions[1]
+    for column, version in zip(columns, versions, strict=True):  # start and end shown
+        assert column[1] == f"{version[:12]}…{version[-8:]}", (column, version)
+    assert "superseded (evicted first)" in lines[1] and "superseded" not in lines[0]
+
+
+def test_evict_and_unpin_twice_both_succeed(tmp_path: Path) -> None:
+    """The second evict or unpin of the same thing has nothing to do, and succeeds."""
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"m" * 3000)
+    url = model.as_uri()
+    assert _run(tmp_path, "prefetch", "--pin", "--holder", "job:x", url).returncode == 0
+    first, second = (_run(tmp_path, "unpin", "--holder", "job:x", url) for _ in range(2))
+    assert (first.returncode, first.stdout) == (0, "released 1 pin of job:x\n")
+    assert (second.returncode, second.stdout) == (
+        0,
+        "released 0 pins of job:x (it holds none of these)\n",
+    )
+    first, second = (_run(tmp_path, "evict", url) for _ in range(2))
+    assert (first.returncode, first.stdout) == (0, "evicted 1 object\n")
+    assert (second.returncode, second.stdout) == (0, "evicted 0 objects (nothing cached matches)\n")
+
+
+def test_embedded_status_says_its_counters_are_per_process(tmp_path: Path) -> None:
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"m" * 3000)
+    assert _run(tmp_path, "prefetch", model.as_uri()).returncode == 0
+    last = _run(tmp_path, "status").stdout.splitlines()[-1]
+    assert last.startswith("served ") and "embedded mode counts per process" in last, last
+
+
+def test_csi_help_shows_the_defaults_the_plugin_uses(tmp_path: Path) -> None:
+    from cachefs.csi.plugin import DEFAULT_CSI_ENDPOINT, DEFAULT_NODE_ENDPOINT
+    from cachefs.node.config import CsiConfig
+
+    text = " ".join(_run(tmp_path, "csi", "--help").stdout.split())
+    for default in (
+        DEFAULT_CSI_ENDPOINT,
+        DEFAULT_NODE_ENDPOINT,
+        CsiConfig.state_dir,
+        f"default {CsiConfig.publish_timeout:g})",
+        "NODE_NAME",
+    ):
+        assert default in text, (default, text)
+
+
+def test_a_node_refused_for_lacking_a_token_says_only_why(tmp_path: Path) -> None:
+    """A node that never served logs no drain: its one line is the reason."""
+    result = _run(
+        tmp_path, "node", "--socket", str(tmp_path / "n.sock"), "--address", "127.0.0.1:0"
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert "must present a shared token" in result.stderr
+    assert "draining" not in result.stderr and "stopped" not in result.stderr

@@ -80,6 +80,28 @@ def test_a_misspelt_storage_option_is_an_error() -> None:
     assert "'endpont'" in message and "endpoint" in message and "local_reads" in message
 
 
+def test_the_token_storage_option_reaches_a_tcp_node(start_node, s3: S3Bucket, monkeypatch) -> None:
+    """``token=`` is presented to the node (no environment variable needed); a wrong one
+    is refused without being quoted; a token without a node is an error."""
+    s3.put("m.bin", b"m" * 5000)
+    node = start_node()
+    monkeypatch.delenv("CACHEFS_TOKEN", raising=False)
+    monkeypatch.delenv("CACHEFS_TOKEN_FILE", raising=False)
+    url = f"cachefs::{s3.url('m.bin')}"
+    options = {"endpoint": node.tcp_endpoint, "skip_instance_cache": True}
+    with fsspec.open(url, "rb", cachefs={**options, "token": TOKEN}) as f:
+        assert f.read() == b"m" * 5000
+    wrong = "wrong-" + TOKEN
+    with pytest.raises(PermissionError) as refused:
+        fsspec.filesystem("cachefs", **options, token=wrong).info(s3.url("m.bin"))
+    assert "token is wrong" in str(refused.value) and wrong not in str(refused.value)
+    with pytest.raises(ValueError, match="no node is named"):
+        fsspec.filesystem("cachefs", token=TOKEN, skip_instance_cache=True).info(s3.url("m.bin"))
+    with pytest.raises(ValueError, match="whitespace") as bad:
+        fsspec.filesystem("cachefs", **options, token="two words").info(s3.url("m.bin"))
+    assert "two words" not in str(bad.value)
+
+
 # -- loaders ---------------------------------------------------------------------
 
 

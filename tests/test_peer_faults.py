@@ -55,7 +55,7 @@ def _unreachable(node: Any, peer: str) -> float:
     """Failed fetches from ``peer`` that timed out or found it unreachable."""
     return sum(
         node.metric("cachefs_peer_errors_total", peer=peer, kind=kind)
-        for kind in ("TimeoutError", "NodeUnavailableError")
+        for kind in ("TimeoutError", "NodeUnavailableError", "PeerUnreachableError")
     )
 
 

@@ -332,3 +332,56 @@ def test_eviction_storm_stays_within_quota(cache_dir: Path) -> None:
         name = obj.header.url.rsplit("/", 1)[1]
         assert xxhash.xxh3_64_intdigest(payload(name, 0)) == obj.present[0]
     assert_pinned_bytes_hold(store)
+
+
+def _version(name: str, version: str) -> ObjectHeader:
+    url = f"file:///origin/{name}"
+    return ObjectHeader(object_id(url, version), url, version, BLOCK, BLOCK)
+
+
+def _fill_header(store: Store, head: ObjectHeader) -> CachedObject:
+    obj = store.place(head)
+    assert obj is not None
+    with store.in_use(obj):
+        assert store.write_block(obj, 0, memoryview(payload(head.id, 0)))
+    return obj
+
+
+def test_superseded_versions_are_evicted_first(cache_dir: Path) -> None:
+    """A version the origin replaced goes before any current object, however recently
+    it was read; a stat decides which version is current, back and forth."""
+    store = Store([disk(cache_dir, 3 * SMALL)])
+    removed = removals(store)
+    old = _fill_header(store, _version("a", "v1"))
+    other = fill(store, "b")
+    store.note_current(old.header.url, old.id)
+    assert store.pread(old, 0, BLOCK)  # read last: the most recent of the two
+    moved_on = _version("a", "v2")
+    store.note_current(moved_on.url, moved_on.id)  # a stat finds the origin moved on
+    assert old.superseded
+    new = _fill_header(store, moved_on)
+    assert not new.superseded
+    assert store.pread(old, 0, BLOCK)  # a reader of the old version does not bring it back
+    fill(store, "c")  # one object must go: the superseded one, not b
+    assert removed == [old.id]
+    assert store.get(other.id) is not None and store.get(new.id) is not None
+
+    # The origin reverted: the stat marks v2 superseded, and v1 fetched again takes
+    # its room first.
+    reverted = _version("a", "v1")
+    store.note_current(reverted.url, reverted.id)
+    assert new.superseded
+    again = _fill_header(store, reverted)
+    assert not again.superseded
+    assert removed[1:] == [new.id]
+
+
+def test_after_a_restart_the_version_cached_last_is_taken_for_current(cache_dir: Path) -> None:
+    store = Store([disk(cache_dir, 8 * SMALL)])
+    old = _fill_header(store, _version("a", "v1"))
+    os.utime(old.meta_path, (1_000_000_000, 1_000_000_000))  # written long before
+    new = _fill_header(store, _version("a", "v2"))
+    store.release_directories()
+    fresh = Store([disk(cache_dir, 8 * SMALL)])
+    loaded = {o.id: o.superseded for o in fresh.objects()}
+    assert loaded == {old.id: True, new.id: False}

@@ -46,7 +46,7 @@ class ListRequest(_message.Message):
     def __init__(self, url: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class Entry(_message.Message):
-    __slots__ = ("name", "size", "type", "version", "cached_bytes", "tier", "complete", "pinned_by", "id", "verified")
+    __slots__ = ("name", "size", "type", "version", "cached_bytes", "tier", "complete", "pinned_by", "id", "verified", "superseded")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class Entry(_message.Message):
     PINNED_BY_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     type: str
@@ -67,7 +68,8 @@ class Entry(_message.Message):
     pinned_by: _containers.RepeatedScalarFieldContainer[str]
     id: str
     verified: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., type: _Optional[str] = ..., version: _Optional[str] = ..., cached_bytes: _Optional[int] = ..., tier: _Optional[str] = ..., complete: _Optional[bool] = ..., pinned_by: _Optional[_Iterable[str]] = ..., id: _Optional[str] = ..., verified: _Optional[str] = ...) -> None: ...
+    superseded: bool
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., type: _Optional[str] = ..., version: _Optional[str] = ..., cached_bytes: _Optional[int] = ..., tier: _Optional[str] = ..., complete: _Optional[bool] = ..., pinned_by: _Optional[_Iterable[str]] = ..., id: _Optional[str] = ..., verified: _Optional[str] = ..., superseded: _Optional[bool] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("entries",)
@@ -248,7 +250,7 @@ class TierStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., medium: _Optional[str] = ..., path: _Optional[str] = ..., quota: _Optional[int] = ..., used: _Optional[int] = ..., pinned: _Optional[int] = ..., objects: _Optional[int] = ..., evictions: _Optional[int] = ..., reserved: _Optional[int] = ..., high_water: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "tiers", "pins", "jobs", "served_bytes", "hits", "misses", "fetched_bytes", "rpcs", "uptime_seconds", "members")
+    __slots__ = ("node_id", "tiers", "pins", "jobs", "served_bytes", "hits", "misses", "fetched_bytes", "rpcs", "uptime_seconds", "members", "block_port")
     class PinsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +283,7 @@ class StatusResponse(_message.Message):
     RPCS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierStatus]
     pins: _containers.ScalarMap[str, int]
@@ -292,34 +295,5 @@ class StatusResponse(_message.Message):
     rpcs: _containers.ScalarMap[str, int]
     uptime_seconds: float
     members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., pins: _Optional[_Mapping[str, int]] = ..., jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., served_bytes: _Optional[_Mapping[str, int]] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., rpcs: _Optional[_Mapping[str, int]] = ..., uptime_seconds: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
-
-class FetchBlockRequest(_message.Message):
-    __slots__ = ("url", "version", "size", "etag", "block_size", "index", "cached_only", "forwarded")
-    URL_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    ETAG_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    CACHED_ONLY_FIELD_NUMBER: _ClassVar[int]
-    FORWARDED_FIELD_NUMBER: _ClassVar[int]
-    url: str
-    version: str
-    size: int
-    etag: str
-    block_size: int
-    index: int
-    cached_only: bool
-    forwarded: bool
-    def __init__(self, url: _Optional[str] = ..., version: _Optional[str] = ..., size: _Optional[int] = ..., etag: _Optional[str] = ..., block_size: _Optional[int] = ..., index: _Optional[int] = ..., cached_only: _Optional[bool] = ..., forwarded: _Optional[bool] = ...) -> None: ...
-
-class BlockChunk(_message.Message):
-    __slots__ = ("checksum", "length", "data")
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
-    LENGTH_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    checksum: int
-    length: int
-    data: bytes
-    def __init__(self, checksum: _Optional[int] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    block_port: int
+    def __init__(self, node_id: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., pins: _Optional[_Mapping[str, int]] = ..., jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., served_bytes: _Optional[_Mapping[str, int]] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., rpcs: _Optional[_Mapping[str, int]] = ..., uptime_seconds: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ..., block_port: _Optional[int] = ...) -> None: ...

@@ -84,11 +84,6 @@ class CacheStub:
                 request_serializer=cachefs_dot_proto_dot_cachefs__pb2.StatusRequest.SerializeToString,
                 response_deserializer=cachefs_dot_proto_dot_cachefs__pb2.StatusResponse.FromString,
                 _registered_method=True)
-        self.FetchBlock = channel.unary_stream(
-                '/cachefs.v1.Cache/FetchBlock',
-                request_serializer=cachefs_dot_proto_dot_cachefs__pb2.FetchBlockRequest.SerializeToString,
-                response_deserializer=cachefs_dot_proto_dot_cachefs__pb2.BlockChunk.FromString,
-                _registered_method=True)
 
 
 class CacheServicer:
@@ -156,12 +151,6 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def FetchBlock(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,11 +203,6 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=cachefs_dot_proto_dot_cachefs__pb2.StatusRequest.FromString,
                     response_serializer=cachefs_dot_proto_dot_cachefs__pb2.StatusResponse.SerializeToString,
-            ),
-            'FetchBlock': grpc.unary_stream_rpc_method_handler(
-                    servicer.FetchBlock,
-                    request_deserializer=cachefs_dot_proto_dot_cachefs__pb2.FetchBlockRequest.FromString,
-                    response_serializer=cachefs_dot_proto_dot_cachefs__pb2.BlockChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,33 +475,6 @@ class Cache:
             '/cachefs.v1.Cache/Status',
             cachefs_dot_proto_dot_cachefs__pb2.StatusRequest.SerializeToString,
             cachefs_dot_proto_dot_cachefs__pb2.StatusResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def FetchBlock(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/cachefs.v1.Cache/FetchBlock',
-            cachefs_dot_proto_dot_cachefs__pb2.FetchBlockRequest.SerializeToString,
-            cachefs_dot_proto_dot_cachefs__pb2.BlockChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,7 @@ seconds. Fills asked by a peer go one hop at most: no request chains between nod
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections import Counter
@@ -19,15 +20,18 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from cachefs.auth import METADATA_KEY, SCHEME
 from cachefs.client import NodeClient
 from cachefs.errors import OriginUnavailableError, TransientOriginError
+from cachefs.node.cluster.block_wire import CHECKSUM_HEADER, PATH, block_query
 from cachefs.node.cluster.hashing import block_key, rank
 from cachefs.node.cluster.membership import Membership
 from cachefs.node.layout import ObjectHeader
 from cachefs.node.origins import ObjectRef
+from cachefs.node.origins.ranged_http import RangedHTTPClient
 from cachefs.node.sinks import Sink
 from cachefs.node.stats import LatencyHistogram
-from cachefs.proto import cachefs_pb2 as pb
+from cachefs.rpc_errors import ERROR_KEY, rebuild
 
 log = logging.getLogger("cachefs.peers")
 FALLBACKS = 2  # next-ranked nodes whose caches an owner asks before the origin
@@ -35,6 +39,42 @@ FALLBACKS = 2  # next-ranked nodes whose caches an owner asks before the origin
 
 class PeerDataError(Exception):
     """A peer sent bytes that do not match what it announced."""
+
+
+class PeerUnreachableError(ConnectionError):
+    """The peer itself failed (not its origin): refused, reset, silent or no endpoint."""
+
+
+class _PeerAnswered(Exception):
+    """A peer answered a block request with an error; ``error`` is what it raised."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _answered(status: int, headers: dict[str, str], body: bytes) -> Exception:
+    """The exception a peer's error answer stands for (the class it names, rebuilt)."""
+    kind = headers.get(ERROR_KEY) or ("PermissionError" if status in (401, 403) else "")
+    message = body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+    return _PeerAnswered(rebuild(kind, message))
+
+
+class _Checked:
+    """A sink that hashes what passes through it (the peer's checksum is checked
+    before the block counts)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.hasher = xxhash.xxh3_64()
+
+    def begin(self) -> None:
+        self.hasher.reset()
+        self.sink.begin()
+
+    def write(self, chunk: memoryview) -> None:
+        self.hasher.update(chunk)
+        self.sink.write(chunk)
 
 
 @dataclass
@@ -72,6 +112,12 @@ class Peers:
         self.backoff = backoff
         self.stats = PeerStats()
         self._token, self._tls_ca = token, tls_ca
+        self._headers = {METADATA_KEY.title(): f"{SCHEME}{token}"} if token else {}
+        self._http = RangedHTTPClient(
+            timeout=timeout,
+            ssl_context=ssl.create_default_context(cafile=tls_ca) if tls_ca else None,
+        )
+        self._block_ports: dict[str, int] = {}
         self._clients: dict[str, NodeClient] = {}
         self._avoid_until: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -163,37 +209,58 @@ class Peers:
         sink: Sink,
         cached_only: bool,
     ) -> bool:
+        """Block ``index`` from ``peer``'s block endpoint into ``sink``, as an origin
+        read is (see block_server): checked against the checksum the peer recorded."""
         start, end = header.block_span(index)
-        request = pb.FetchBlockRequest(
-            url=ref.url.fetch_url,
-            version=ref.version,
-            size=ref.size,
-            etag=ref.etag or "",
-            block_size=header.block_size,
-            index=index,
-            cached_only=cached_only,
+        query = block_query(
+            ref.url.fetch_url,
+            ref.version,
+            ref.size,
+            ref.etag or "",
+            header.block_size,
+            fill=not cached_only,
             forwarded=not cached_only,
         )
-        sink.begin()
-        hasher = xxhash.xxh3_64()
-        expected: int | None = None
-        received = 0
-        for chunk in self.client(peer).fetch_block(request, self.timeout):
-            if expected is None:
-                expected = chunk.checksum
-                if chunk.length != end - start:
-                    raise PeerDataError(f"announced {chunk.length} bytes, not {end - start}")
-            data = memoryview(chunk.data)
-            received += len(data)
-            if received > end - start:
-                raise PeerDataError(f"sent more than the block's {end - start} bytes")
-            hasher.update(data)
-            sink.write(data)
-        if expected is None or received != end - start:
-            raise PeerDataError(f"sent {received} of {end - start} bytes")
-        if hasher.intdigest() != expected:
+        checked = _Checked(sink)
+        label = f"block {index} of {ref.canonical} from peer {peer}"
+        try:
+            answer = self._http.get_range(
+                f"{self._block_url(peer)}{PATH}?{query}",
+                start,
+                end,
+                checked,
+                label,
+                headers=self._headers,
+                errors=_answered,
+            )
+        except _PeerAnswered as answered:  # the peer's own error: what it means
+            raise answered.error from None
+        except (OSError, TransientOriginError) as exc:  # the peer, not its origin
+            with self._lock:
+                self._block_ports.pop(peer, None)  # it may have restarted elsewhere
+            raise PeerUnreachableError(f"{label}: {exc}") from exc
+        announced = answer.headers.get(CHECKSUM_HEADER, "")
+        try:
+            expected = int(announced, 16)
+        except ValueError:
+            raise PeerDataError(f"announced no checksum ({announced[:20]!r})") from None
+        if checked.hasher.intdigest() != expected:
             raise PeerDataError("sent bytes whose checksum does not match; discarded")
         return True
+
+    def _block_url(self, peer: str) -> str:
+        """``scheme://host:port`` of ``peer``'s block endpoint (its port learned once,
+        from its Status)."""
+        with self._lock:
+            port = self._block_ports.get(peer)
+        if port is None:
+            port = self.client(peer).status().block_port
+            if not port:
+                raise PeerUnreachableError(f"peer {peer} serves no blocks (no block_port)")
+            with self._lock:
+                self._block_ports[peer] = port
+        host = peer.rpartition(":")[0]
+        return f"{'https' if self._tls_ca else 'http'}://{host}:{port}"
 
     def close(self) -> None:
         with self._lock:

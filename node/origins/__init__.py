@@ -178,10 +178,12 @@ class Origin:
         self._timed("read", ref.url, attempt)
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
+        """The origin's listing under ``url``, retried as a prefix's resolution is."""
         backend = self.backend(url)
         if hasattr(backend, "ls"):
-            return backend.ls(url)
-        return [{"name": r.canonical, "size": r.size, "type": "file"} for r in backend.list(url)]
+            return self._timed("list", url, lambda: backend.ls(url))
+        refs = self._timed("list", url, lambda: backend.list(url))
+        return [{"name": r.canonical, "size": r.size, "type": "file"} for r in refs]
 
 
 def _host(url: OriginURL) -> str:

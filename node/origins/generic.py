@@ -12,14 +12,12 @@ from typing import Any
 
 import fsspec
 
-from cachefs.errors import TransientOriginError, VersionChangedError
+from cachefs.errors import VersionChangedError
 from cachefs.node.origins.digests import info_digest
+from cachefs.node.origins.errors import origin_error
 from cachefs.node.origins.ref import ObjectRef, version_from_info
 from cachefs.node.sinks import Sink
 from cachefs.urls import OriginURL
-
-# errno values backends (s3fs's error table among them) use for answers worth retrying.
-TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET})
 
 
 class FsspecBackend:
@@ -31,18 +29,8 @@ class FsspecBackend:
         self.fs.invalidate_cache(url.path)  # a listing cached by find/ls may be stale
         try:
             return self.fs.info(url.path)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(
-                errno.ENOENT, f"no such object at the origin: {url}; check the URL"
-            ) from exc
-        except PermissionError as exc:
-            raise PermissionError(
-                errno.EACCES,
-                f"the origin denied access to {url}; check the credentials and "
-                "permissions configured for this origin",
-            ) from exc
         except OSError as exc:
-            raise _with_url(exc, url) from exc
+            raise origin_error(exc, url.canonical) from exc
 
     def _ref(self, url: OriginURL, info: dict[str, Any]) -> ObjectRef:
         return ObjectRef(
@@ -63,6 +51,8 @@ class FsspecBackend:
             found = self.fs.find(url.path, detail=True)
         except FileNotFoundError:  # e.g. no such bucket: nothing under this URL
             return []
+        except OSError as exc:  # named, and retried when transient, as a stat's errors
+            raise origin_error(exc, url.canonical) from exc
         return [
             self._ref(url.child(path), info)
             for path, info in sorted(found.items())
@@ -71,7 +61,10 @@ class FsspecBackend:
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
         self.fs.invalidate_cache(url.path)
-        return self.fs.ls(url.path, detail=True)
+        try:
+            return self.fs.ls(url.path, detail=True)
+        except OSError as exc:
+            raise origin_error(exc, url.canonical) from exc
 
     def read(self, ref: ObjectRef, start: int, end: int, sink: Sink) -> None:
         data = self.fs.cat_file(ref.url.path, start=start, end=end)
@@ -90,12 +83,3 @@ class FsspecBackend:
             raise VersionChangedError(ref.canonical, ref.version, "deleted at the origin") from exc
         if current != ref.version:
             raise VersionChangedError(ref.canonical, ref.version, f"now {current}")
-
-
-def _with_url(exc: OSError, url: OriginURL) -> OSError:
-    """A backend's bare error ("Service Unavailable") as one that names the URL;
-    transient kinds become TransientOriginError, which the origin layer retries."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    if exc.errno in TRANSIENT_ERRNOS or isinstance(exc, ConnectionError | TimeoutError):
-        return TransientOriginError(f"{url}: origin answered {reason}")
-    return OSError(exc.errno or errno.EIO, f"{url}: origin answered {reason}")

@@ -65,15 +65,18 @@ class RangedHTTPClient:
         timeout: float = 60.0,
         allow_redirects_to: Sequence[Network] = (),
         min_rate: float = 1024 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """``allow_redirects_to``: non-public networks redirects may lead to all the same.
-        ``min_rate``: bytes per second a body must keep up (after ``timeout`` of grace)."""
+        ``min_rate``: bytes per second a body must keep up (after ``timeout`` of grace).
+        ``ssl_context``: whom https trusts (default: the system's CAs)."""
         self._timeout = timeout
         self._min_rate = min_rate
         self._deadlines = Deadlines()
         self._allow_redirects_to = tuple(allow_redirects_to)
         self._local = threading.local()
-        self._ssl: ssl.SSLContext | None = None  # made on first https use: loading CAs is slow
+        # Made on first https use (loading the system's CAs is slow).
+        self._ssl: ssl.SSLContext | None = ssl_context
 
     def _connection(self, key: _Key) -> http.client.HTTPConnection:
         pool: dict[_Key, http.client.HTTPConnection] = getattr(self._local, "pool", None) or {}
@@ -257,8 +260,11 @@ class RangedHTTPClient:
         label: str,
         headers: dict[str, str] | None = None,
         pinned: str = "",
+        errors: Callable[[int, dict[str, str], bytes], Exception] | None = None,
     ) -> Answer:
         """GET bytes [start, end) of ``url``, handing the body to ``sink`` as it arrives.
+        ``errors`` makes the exception for an answer of 300 or more (status, headers,
+        body), in place of the origins' table.
 
         The body goes through a small per-thread buffer, so each chunk is still in
         the CPU cache when the sink writes it out. The whole range has a deadline:
@@ -272,6 +278,8 @@ class RangedHTTPClient:
         if response.status >= 300:
             body = _read_quietly(response)
             self._drop(key)
+            if errors is not None:
+                raise errors(response.status, answer.headers, body)
             raise error_for_status(response.status, label, body, pinned, answer.headers)
         try:
             _check_range(answer, start, end, label)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from cachefs.errors import TransientOriginError
 from cachefs.node.origins.digests import s3_digest
-from cachefs.node.origins.errors import error_for_status
+from cachefs.node.origins.errors import error_for_status, missing_credentials, origin_error
 from cachefs.node.origins.ranged_http import RangedHTTPClient
 from cachefs.node.origins.ref import ObjectRef
 from cachefs.node.sinks import Sink
@@ -33,6 +34,7 @@ PRESIGN_SECONDS = 3600
 HEADS_IN_FLIGHT = 16  # a listed prefix's objects are HEADed this many at a time
 PRESIGN_REUSE_SECONDS = 1800
 _CLIENT_KWARGS = ("endpoint_url", "region_name", "verify", "use_ssl")
+T = TypeVar("T")
 
 
 class S3Backend:
@@ -93,22 +95,14 @@ class S3Backend:
             try:
                 return getattr(self._client(bucket), method)(Bucket=bucket, **params)
             except ClientError as exc:
-                response = exc.response
-                headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
                 region = headers.get("x-amz-bucket-region")
                 if region and self._bucket_regions.get(bucket) != region:
                     self._bucket_regions[bucket] = region
                     continue
-                status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-                code = str(response.get("Error", {}).get("Code", ""))
-                body = f"<Code>{code}</Code>".encode() if code.isalpha() else b""
-                raise error_for_status(
-                    status or 500, url.canonical, body, headers=headers
-                ) from None
+                raise answer_error(exc, url) from None
             except BotoCoreError as exc:
-                raise TransientOriginError(
-                    f"{url.canonical}: request to the origin failed ({type(exc).__name__})"
-                ) from None
+                raise sdk_error(exc, url) from exc
         raise AssertionError("unreachable")
 
     # -- the backend ---------------------------------------------------------------
@@ -139,8 +133,15 @@ class S3Backend:
 
     def list(self, url: OriginURL) -> list[ObjectRef]:
         """Every object under ``url``, as a HEAD of each states it: a listing names no
-        checksum values, and the HEAD's is the object's digest."""
-        listed = [ref.url for ref in self._lister().list(url)]
+        checksum values, and the HEAD's is the object's digest. A missing bucket is an
+        error here (FileNotFoundError naming it), not an empty listing."""
+        fs = self._lister().fs
+        found = _listing(url, lambda: fs.find(url.path, detail=True))
+        listed = [
+            url.child(path)
+            for path, info in sorted(found.items())
+            if info.get("type", "file") == "file"
+        ]
         with ThreadPoolExecutor(max(1, min(HEADS_IN_FLIGHT, len(listed)))) as pool:
             return [ref for ref in pool.map(self._stat_listed, listed) if ref is not None]
 
@@ -151,7 +152,8 @@ class S3Backend:
             return None  # deleted since it was listed
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
-        return self._lister().ls(url)
+        lister = self._lister()
+        return _listing(url, lambda: lister.ls(url))
 
     def _lister(self) -> Any:
         """s3fs, for listings only (its ETags match HEAD's, so versions agree)."""
@@ -177,10 +179,15 @@ class S3Backend:
             cached = self._signed.get(url.path)
             if cached and now - cached[0] < PRESIGN_REUSE_SECONDS:
                 return cached[1]
+        from botocore.exceptions import BotoCoreError
+
         bucket, key = _split(url)
-        signed = self._client(bucket).generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS
-        )
+        try:
+            signed = self._client(bucket).generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS
+            )
+        except BotoCoreError as exc:
+            raise sdk_error(exc, url) from exc
         with self._lock:
             self._signed[url.path] = (now, signed)
         return signed
@@ -196,6 +203,58 @@ class S3Backend:
             headers=headers,
             pinned=ref.version,
         )
+
+
+def answer_error(exc: Any, url: OriginURL) -> Exception:
+    """An S3 answer (a botocore ``ClientError``) through the one table (errors.py)."""
+    response = exc.response
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    code = str(response.get("Error", {}).get("Code", ""))
+    body = f"<Code>{code}</Code>".encode() if code.isalpha() else b""
+    return error_for_status(status or 500, url.canonical, body, headers=headers)
+
+
+def sdk_error(exc: Exception, url: OriginURL) -> Exception:
+    """A failure before any answer: credentials that are missing are final (a retry
+    cannot find them; the message says where they go), the rest (connection refused,
+    timeouts) transient. The SDK's own text stays in the cause, not the message."""
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError, ProfileNotFound
+
+    kwargs = getattr(exc, "kwargs", {})
+    if isinstance(exc, NoCredentialsError):
+        return missing_credentials(url.canonical)
+    if isinstance(exc, PartialCredentialsError):
+        lacks = f"{kwargs.get('provider', 'a provider')} lacks {kwargs.get('cred_var', 'a part')}"
+        return missing_credentials(url.canonical, f"only part of them ({lacks}) were found")
+    if isinstance(exc, ProfileNotFound):
+        return missing_credentials(
+            url.canonical,
+            f"the AWS profile {kwargs.get('profile', '')!r} (AWS_PROFILE or the profile "
+            "option) is not configured",
+        )
+    return TransientOriginError(
+        f"{url.canonical}: request to the origin failed ({type(exc).__name__})"
+    )
+
+
+def _listing(url: OriginURL, fn: Callable[[], T]) -> T:
+    """``fn`` (an s3fs listing) with its errors as the botocore calls' are: s3fs
+    raises the SDK's exceptions bare and its answers as builtins with the server's
+    text, which name neither the URL nor what to do."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn()
+    except Exception as exc:
+        answer = exc if isinstance(exc, ClientError) else exc.__cause__
+        if isinstance(answer, ClientError):
+            raise answer_error(answer, url) from exc
+        if isinstance(exc, BotoCoreError):
+            raise sdk_error(exc, url) from exc
+        if isinstance(exc, OSError):
+            raise origin_error(exc, url.canonical) from exc
+        raise
 
 
 def _split(url: OriginURL) -> tuple[str, str]:

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
@@ -50,6 +51,7 @@ from cachefs.node.store.index import (
 )
 from cachefs.node.store.lock import StoreLock
 from cachefs.node.store.objects import CachedObject, Tier
+from cachefs.node.store.ownership import EMBEDDED, Owner
 from cachefs.node.store.pins import Pins, write_record
 from cachefs.node.store.space import Space
 from cachefs.types import TierStatus
@@ -58,13 +60,17 @@ from cachefs.units import format_size
 __all__ = ["CachedObject", "Store", "Tier"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_CURRENT_VERSIONS = 16384  # URLs whose current version is remembered
 log = logging.getLogger("cachefs.store")
 
 
 class Store:
     """All tiers of one node, fastest first."""
 
-    def __init__(self, tiers: Sequence[TierConfig], group: str | None = None) -> None:
+    def __init__(
+        self, tiers: Sequence[TierConfig], group: str | None = None, owner: Owner = EMBEDDED
+    ) -> None:
+        """``owner``: a node (which may not share its directories) or embedded mode."""
         if not tiers:
             raise ValueError("at least one tier is needed")
         self._lock = StoreLock()
@@ -74,8 +80,17 @@ class Store:
         self._pin_writes = threading.Lock()  # one pin file write at a time
         # Called (under the store's lock: never block) with the id of each removed object.
         self.removed_listeners: list[Callable[[str], None]] = []
+        self._versions: dict[str, set[CachedObject]] = {}  # canonical URL -> its objects
+        # Canonical URL -> the id of the version its origin reported last (bounded).
+        self._current: OrderedDict[str, str] = OrderedDict()
         gid = resolve_group(group) if group else None
-        self.tiers = [open_tier(config, gid) for config in tiers]
+        self.tiers: list[Tier] = []
+        try:
+            for config in tiers:
+                self.tiers.append(open_tier(config, gid, owner))
+        except BaseException:
+            self.release_directories()
+            raise
         self._pins = Pins(layout.pins_dir(self.tiers[-1].root), changed=self._pin_changed)
         self._space = Space(self.tiers, self._room, self._pins, retire=self.retire)
         self._blocks = Blocks(
@@ -91,6 +106,13 @@ class Store:
                     self._add(obj)
                 self._space.enforce_quota(tier)
                 tier.note_usage()  # after eviction: a smaller quota than last run holds too
+
+    def release_directories(self) -> None:
+        """Let go of the tier roots (see ``ownership``): a draining node calls this, so
+        the node that replaces it can start."""
+        for tier in self.tiers:
+            if tier.claim is not None:
+                tier.claim.release()
 
     # -- lookup ------------------------------------------------------------------
 
@@ -119,6 +141,17 @@ class Store:
     def _add(self, obj: CachedObject) -> None:
         obj.tier.objects[obj.id] = obj
         obj.tier.used += obj.charged
+        versions = self._versions.setdefault(obj.header.url, set())
+        current = self._current.get(obj.header.url)
+        if current is None:
+            # No stat yet (a restart, a new process): the version cached last is taken
+            # for the current one (the index loads oldest first) until a stat says.
+            for other in versions:
+                self._space.supersede(other)
+            obj.superseded = False
+        else:
+            obj.superseded = current != obj.id
+        versions.add(obj)
         self._space.track(obj)
 
     def _drop(self, obj: CachedObject) -> None:
@@ -127,7 +160,26 @@ class Store:
             del tier.objects[obj.id]
             tier.used -= obj.charged
             self._space.untrack(obj)
+            versions = self._versions.get(obj.header.url)
+            if versions is not None:
+                versions.discard(obj)
+                if not versions:
+                    del self._versions[obj.header.url]
         obj.retired = True
+
+    def note_current(self, url: str, object_id: str) -> None:
+        """The origin's version of ``url`` is ``object_id`` now: the other versions
+        cached are superseded, evicted before anything else."""
+        with self._lock:
+            self._current[url] = object_id
+            self._current.move_to_end(url)
+            while len(self._current) > _CURRENT_VERSIONS:
+                self._current.popitem(last=False)
+            for obj in self._versions.get(url, ()):
+                if obj.id != object_id:
+                    self._space.supersede(obj)
+                else:
+                    obj.superseded = False
 
     def forget(self, obj: CachedObject) -> None:
         """Drop ``obj`` from the index only: its file was replaced by another process."""
@@ -462,6 +514,12 @@ class Store:
     def read(self, obj: CachedObject, index: int, offset: int, into: memoryview) -> bool:
         """Bytes of block ``index`` from ``offset`` into ``into``; False if absent or bad."""
         return self._blocks.read(obj, index, offset, into)
+
+    def open_block(
+        self, obj: CachedObject, index: int
+    ) -> AbstractContextManager[tuple[int, int] | None]:
+        """(open data file, checksum) of a verified block ``index``, to send; or None."""
+        return self._blocks.open_block(obj, index)
 
     def pread(self, obj: CachedObject, start: int, end: int) -> bytes | None:
         """Bytes [start, end) of verified blocks in one read; None if the file changed."""

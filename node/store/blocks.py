@@ -26,7 +26,8 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import xxhash
@@ -162,6 +163,41 @@ class Blocks:
             return False
         self._space.mark_used(obj)
         return True
+
+    @contextmanager
+    def open_block(self, obj: CachedObject, index: int) -> Iterator[tuple[int, int] | None]:
+        """The data file, open, and the checksum of block ``index``, for the kernel to
+        send (``sendfile``): a block not verified since the node started is read and
+        checked first. None when it is absent, bad (discarded), the file was replaced,
+        or the disk hangs. The descriptor is closed on leaving."""
+        if obj.retired or obj.tier.health.stalled():
+            yield None
+            return
+        if index not in obj.verified:
+            start, end = obj.header.block_span(index)
+            if not self.read(obj, index, 0, memoryview(bytearray(end - start))):
+                yield None
+                return
+        checksum = obj.present.get(index)
+        try:
+            with obj.tier.health.watch("read"):
+                fd = os.open(obj.data_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget(obj)
+            yield None
+            return
+        except OSError as exc:
+            self._unreadable(obj, [index], exc)
+            yield None
+            return
+        try:
+            if checksum is None or os.fstat(fd).st_ino != obj.inode:
+                yield None
+                return
+            self._space.mark_used(obj)
+            yield fd, checksum
+        finally:
+            os.close(fd)
 
     def pread(self, obj: CachedObject, start: int, end: int) -> bytes | None:
         """Bytes [start, end) of verified blocks in one read; None if the file changed,

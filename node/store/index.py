@@ -31,7 +31,9 @@ from cachefs.node import layout
 from cachefs.node.config import TierConfig, default_quota
 from cachefs.node.faults import crash_point
 from cachefs.node.layout import ObjectHeader
+from cachefs.node.store import ownership
 from cachefs.node.store.objects import CachedObject, Tier, block_charge
+from cachefs.node.store.ownership import EMBEDDED, Owner
 from cachefs.urls import object_id
 
 ROOT_MODE = 0o700
@@ -55,8 +57,9 @@ def resolve_group(group: str) -> int:
         raise ValueError(f"group {group!r} does not exist on this host") from exc
 
 
-def open_tier(config: TierConfig, gid: int | None) -> Tier:
-    """The tier at ``config.path``, its directories made (modes fixed) and trash emptied.
+def open_tier(config: TierConfig, gid: int | None, owner: Owner = EMBEDDED) -> Tier:
+    """The tier at ``config.path``, claimed for ``owner`` (see ``ownership``), its
+    directories made (modes fixed) and trash emptied.
 
     Its index is empty: ``rebuild`` loads it.
     """
@@ -70,7 +73,13 @@ def open_tier(config: TierConfig, gid: int | None) -> Tier:
             os.chmod(root, GROUP_ROOT_MODE)
         else:
             os.chmod(root, ROOT_MODE)
-        layout.check_format(root)
+        layout.check_format(root)  # a root of another format is left as it is
+        claim = ownership.claim(root, owner)
+    except CacheDirError:
+        raise
+    except OSError as exc:
+        raise _unusable(config, exc) from exc
+    try:
         for sub in (
             root / "v1",  # created first, so its mode does not depend on the umask
             layout.objects_dir(root),
@@ -83,16 +92,23 @@ def open_tier(config: TierConfig, gid: int | None) -> Tier:
         probe = root / "v1" / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as exc:
-        raise CacheDirError(
-            f"cannot use cache directory {root} for tier {config.name!r}: "
-            f"{exc.strerror or exc}; point CACHEFS_CACHE_DIR (or the tier's path in the "
-            "config) at a writable directory"
-        ) from exc
-    quota = config.quota if config.quota is not None else default_quota(root)
-    shutil.rmtree(layout.trash_dir(root), ignore_errors=True)
-    layout.trash_dir(root).mkdir(mode=layout.DIR_MODE, exist_ok=True)
-    return Tier(config=config, quota=quota)
+        quota = config.quota if config.quota is not None else default_quota(root)
+        shutil.rmtree(layout.trash_dir(root), ignore_errors=True)
+        layout.trash_dir(root).mkdir(mode=layout.DIR_MODE, exist_ok=True)
+    except BaseException as exc:
+        claim.release()
+        if isinstance(exc, OSError) and not isinstance(exc, CacheDirError):
+            raise _unusable(config, exc) from exc
+        raise
+    return Tier(config=config, quota=quota, claim=claim)
+
+
+def _unusable(config: TierConfig, exc: OSError) -> CacheDirError:
+    return CacheDirError(
+        f"cannot use cache directory {config.path} for tier {config.name!r}: "
+        f"{exc.strerror or exc}; point CACHEFS_CACHE_DIR (or the tier's path in the "
+        "config) at a writable directory"
+    )
 
 
 def rebuild(tier: Tier) -> list[CachedObject]:

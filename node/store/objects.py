@@ -20,6 +20,7 @@ from cachefs.node.config import TierConfig
 from cachefs.node.layout import ObjectHeader
 from cachefs.node.store.digests import verifiable
 from cachefs.node.store.health import TierHealth
+from cachefs.node.store.ownership import Claim
 
 
 class SharedLock:
@@ -74,6 +75,7 @@ class CachedObject:
     waiting: int = 0  # users blocked waiting for room: they do not keep it from eviction
     handed_out: bool = False
     retired: bool = False
+    superseded: bool = False  # the origin has another version now: evicted first
     inode: int = 0
     lock: SharedLock = field(default_factory=SharedLock)
     append_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -133,6 +135,7 @@ class Tier:
     # Ids whose directory is on its way to the trash: not made again here until gone.
     retiring: Counter[str] = field(default_factory=Counter)
     full: str | None = None  # why the last object could not be made here (full disk)
+    claim: Claim | None = None  # this process's lock on the root (ownership)
     health: TierHealth = field(init=False)
 
     def __post_init__(self) -> None:

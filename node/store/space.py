@@ -12,7 +12,9 @@ in use (being read or filled, so eviction skips it and a writer short of room wa
 for it), or evictable, in LRU order. An object joins the LRU order as the most
 recently used when it is indexed, used (read, a block recorded, its path handed
 out), released by its last user or unpinned by its last holder; after a restart the
-index is loaded oldest meta file first, so the order is the files' mtimes.
+index is loaded oldest meta file first, so the order is the files' mtimes. A
+superseded object (an older version of a URL whose origin now has another) goes to
+the front instead, and use does not move it back: old versions are reclaimed first.
 
 Reads mark an object used without the store's lock (the fast read path never takes
 it): the marks wait in a queue that is applied, in order, before anything else joins
@@ -116,6 +118,16 @@ class Space:
         else:
             self._apply_marks()  # uses marked before this one stay older
             space.lru[obj] = None
+            if obj.superseded:
+                space.lru.move_to_end(obj, last=False)
+
+    def supersede(self, obj: CachedObject) -> None:
+        """The origin has another version of ``obj``'s URL now: reclaim it first."""
+        with self._room:
+            obj.superseded = True
+            lru = self._tiers[obj.tier].lru
+            if obj in lru:
+                lru.move_to_end(obj, last=False)
 
     def mark_used(self, obj: CachedObject) -> None:
         """``obj`` was used now: it becomes the most recent (locks only now and then)."""
@@ -131,7 +143,7 @@ class Space:
         while self._marks:
             obj = self._marks.popleft()
             lru = self._tiers[obj.tier].lru
-            if obj in lru:
+            if obj in lru and not obj.superseded:
                 lru.move_to_end(obj)
 
     @contextmanager
