@@ -17,7 +17,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 # Empty packages stand in for the code (node/ and csi/ install as cachefs.node and
 # cachefs.csi: pyproject.toml lists every package).
-RUN for package in cachefs cachefs/proto cachefs/loaders node node/origins node/cluster node/store \
+RUN for package in cachefs cachefs/proto cachefs/loaders node node/origins node/cluster node/store node/models \
         csi csi/proto; do mkdir -p "$package" && touch "$package/__init__.py"; done \
     && /opt/cachefs/bin/pip install '.[node]' \
     && /opt/cachefs/bin/pip uninstall --yes cachefs

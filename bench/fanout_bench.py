@@ -464,7 +464,7 @@ class Bench:
             result.origin_connections = stats["connections"]
             result.peak_connections = stats["peak_active"]
             statuses = [NodeClient(n.endpoint).status() for n in nodes]
-            result.node_origin_bytes = [s["fetched_bytes"] for s in statuses]
+            result.node_origin_bytes = [s.fetched_bytes for s in statuses]
             result.stat_misses = self._verify(nodes)
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"[:300]

@@ -74,6 +74,19 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class OriginLimitConfig:
+    """Each origin host's limit on requests in flight, adapted to what it delivers
+    (node/origins/adaptive.py): it starts at ``concurrency``, rises while more
+    requests bring more bytes per second, halves on push-back. The fill pool runs
+    as many fills at once as the busiest host's limit allows."""
+
+    # Default: on, unless the config sets `concurrency` (a fixed number of fills then).
+    adaptive: bool = True
+    max: int = 64  # the most a host may reach (origin_connections bounds it too)
+    hold: float = 10.0  # seconds after a cut or a rise that did not pay before the next rise
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Where and how ``cachefs node`` listens (flags override these)."""
 
@@ -127,6 +140,16 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    """CachedModel objects reconciled by ``cachefs node`` (docs/kubernetes.md)."""
+
+    enabled: bool = False  # watch cachedmodels.cachefs.io and fill the matching ones
+    lease_name: str = "cachefs-models"  # the Lease whose holder writes the aggregate status
+    lease_namespace: str | None = None  # default: POD_NAMESPACE, else "default"
+    resync: float = 10.0  # seconds between passes over every model (and Latest re-checks)
+
+
+@dataclass(frozen=True)
 class ScrubConfig:
     """How ``cachefs node`` re-reads its stored blocks: a verified block is served
     without a check, so a bit that flips on the disk later is only found this way."""
@@ -143,6 +166,7 @@ class Config:
     # Origin requests in flight at once, whoever makes them (prefetches, readers,
     # fills peers forward): the node's bulkhead (node/origins/slots.py).
     origin_connections: int = 64
+    origin_limit: OriginLimitConfig = field(default_factory=OriginLimitConfig)
     revalidate_after: float = 60.0
     readahead_blocks: int = 4
     group: str | None = None
@@ -154,6 +178,7 @@ class Config:
     csi: CsiConfig = field(default_factory=CsiConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)  # cachefs node only
+    models: ModelsConfig = field(default_factory=ModelsConfig)  # cachefs node only
     policy: Policy = field(default_factory=Policy)  # who may do what (node/policy.py)
 
     def options_for(self, canonical_url: str) -> dict[str, Any]:
@@ -247,6 +272,7 @@ _KNOWN_KEYS = {
     "block_size",
     "concurrency",
     "origin_connections",
+    "origin_limit",
     "revalidate_after",
     "readahead_blocks",
     "group",
@@ -258,6 +284,7 @@ _KNOWN_KEYS = {
     "cluster",
     "policy",
     "scrub",
+    "models",
 }
 
 
@@ -285,6 +312,7 @@ def _build(raw: dict[str, Any]) -> Config:
     csi = _build_csi(raw.get("csi") or {})
     cluster = _build_cluster(raw.get("cluster") or {})
     scrub = _build_scrub(raw.get("scrub"))
+    models = _build_models(raw.get("models") or {})
     block_size = _size(raw.get("block_size", DEFAULT_BLOCK_SIZE), "block_size")
     if block_size < 4096 or block_size % 4096:
         raise ValueError(
@@ -305,6 +333,7 @@ def _build(raw: dict[str, Any]) -> Config:
         block_size=block_size,
         concurrency=concurrency,
         origin_connections=origin_connections,
+        origin_limit=_build_origin_limit(raw.get("origin_limit"), "concurrency" not in raw),
         revalidate_after=_number(raw.get("revalidate_after", 60.0), "revalidate_after", low=0),
         readahead_blocks=_number(
             raw.get("readahead_blocks", 4), "readahead_blocks", low=0, whole=True
@@ -317,6 +346,7 @@ def _build(raw: dict[str, Any]) -> Config:
         csi=csi,
         cluster=cluster,
         scrub=scrub,
+        models=models,
         policy=Policy.from_config(raw.get("policy")),
     )
 
@@ -383,6 +413,51 @@ def _build_cluster(raw: Any) -> ClusterConfig:
         if not sep or not host or not port.isdigit():
             raise ValueError(f"cluster.peers entry {peer!r} is not host:port")
     return cluster
+
+
+def _build_models(raw: Any) -> ModelsConfig:
+    if not isinstance(raw, dict):
+        raise ValueError("config key 'models' (CACHEFS_MODELS__<KEY>) must be a mapping")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        _check_key("models", key, ModelsConfig)
+        if key == "enabled":
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"models.enabled (CACHEFS_MODELS__ENABLED) must be true or false, not {value!r}"
+                )
+            values[key] = value
+        elif key == "resync":
+            values[key] = _number(value, "models.resync", low=0.1, high=3600)
+        elif value is not None:
+            values[key] = str(value)
+    return ModelsConfig(**values)
+
+
+def _build_origin_limit(raw: Any, adaptive: bool) -> OriginLimitConfig:
+    """The adaptive per-host limit's settings; ``adaptive``: the default (off where
+    ``concurrency`` is set). Each error names the key and its variable."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(
+            "config key 'origin_limit' (CACHEFS_ORIGIN_LIMIT__<KEY>) must be a mapping"
+        )
+    values: dict[str, Any] = {"adaptive": adaptive}
+    for key, value in raw.items():
+        _check_key("origin_limit", key, OriginLimitConfig)
+        if key == "adaptive":
+            if not isinstance(value, bool):
+                raise ValueError(
+                    "origin_limit.adaptive (CACHEFS_ORIGIN_LIMIT__ADAPTIVE) must be true or "
+                    f"false, not {_shown(value)}"
+                )
+            values[key] = value
+        elif key == "max":
+            values[key] = _number(value, "origin_limit.max", low=1, high=1024, whole=True)
+        elif key == "hold":
+            values[key] = _number(value, "origin_limit.hold", low=0, high=3600)
+    return OriginLimitConfig(**values)
 
 
 def _build_scrub(raw: Any) -> ScrubConfig:

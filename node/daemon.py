@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,6 +45,9 @@ from cachefs.node.service import CacheService
 from cachefs.node.signals import wait_for_termination
 from cachefs.node.store.ownership import Owner
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from cachefs.node.models.controller import ModelController
 
 log = logging.getLogger("cachefs.node")
 SERVICE_NAME = "cachefs.v1.Cache"
@@ -116,6 +119,7 @@ class Node:
         self.bound: dict[str, str] = {}
         self._metrics_server: Any = None
         self._block_server: BlockServer | None = None
+        self._models: ModelController | None = None
         self._stopped = threading.Event()
         self._serving = False  # set once every listener is up: only then is a stop logged
         try:
@@ -199,6 +203,9 @@ class Node:
             self.membership.start()
         if self.labels is not None:
             self.labels.start()
+        if self.config.models.enabled:
+            self._models = _model_controller(self.config, self.service)
+            self._models.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -235,6 +242,8 @@ class Node:
             self.membership.stop()
         if self.labels is not None:
             self.labels.stop()
+        if self._models is not None:
+            self._models.stop()
         if self._serving:  # a node that never started has nothing to drain: its error says
             log.info("draining: new calls are refused, %d s for calls in flight", grace)
         if self._local_socket is not None:
@@ -304,6 +313,24 @@ def _secure_socket(path: Path, mode: int, group: str | None) -> None:
         gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         os.chown(path, -1, gid)
     os.chmod(path, mode)
+
+
+def _model_controller(config: Config, service: CacheService) -> ModelController:
+    """The CachedModel loop of this node (node/models), on the cluster's API."""
+    from cachefs.node.kube import NodeLabels, api_client
+    from cachefs.node.models.api import ModelsApi
+    from cachefs.node.models.controller import ModelController
+    from cachefs.node.models.lease import LeaseElection
+
+    node_name = os.environ.get("NODE_NAME") or service.node_id
+    cluster = config.cluster
+    api = ModelsApi(api_client(cluster.kubernetes_api_url, cluster.kubeconfig))
+    namespace = config.models.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+    election = LeaseElection(api, namespace, config.models.lease_name, node_name)
+    labels = NodeLabels(node_name, cluster.kubernetes_api_url, cluster.kubeconfig)
+    return ModelController(
+        service, api, node_name, labels.get, election, resync=config.models.resync
+    )
 
 
 def _source_labels(config: Config, engine: Engine) -> SourceLabels:

@@ -196,7 +196,10 @@ class Engine:
         self.stats = EngineStats()
         self.store = Store(config.tiers, config.group, owner)
         self.origin = Origin(config, options, observe=self.stats.observe_origin)
-        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="cachefs-fill")
+        # As wide as the origins' adaptive limits allow (node/origins/fill_pool.py).
+        self._pool: ThreadPoolExecutor = self.origin.slots.fill_pool(
+            config.concurrency, "cachefs-fill"
+        )
         self._flights: Flights[tuple[str, int], Filled] = Flights(self._pool)
         self._stat_cache: OrderedDict[str, tuple[float, ObjectRef]] = OrderedDict()
         # Refs handed out recently, by object id: a reader in another process that
@@ -594,6 +597,8 @@ class Engine:
             if progress:
                 progress(dataclasses.replace(state))
 
+        if self.peers is not None:
+            fills = self.peers.fill_order(fills, lambda fill: (fill[0].id, fill[2]))
         try:
             self._fill_all(fills, on_filled, cancelled)
         except JobCancelledError:

@@ -203,6 +203,19 @@ class NodeCollector:
             "Origin requests that waited for a free slot",
             value=slots.waited,
         )
+        if slots.adaptive is not None:  # origin_limit.adaptive
+            # The highest host's: a host label would name buckets.
+            limits = slots.host_limits().values()
+            yield gauge(
+                "cachefs_origin_concurrency_limit",
+                "Origin requests one host may have in flight now, as adapted (the highest host's)",
+                value=max(limits, default=slots.adaptive.initial),
+            )
+            yield counter(
+                "cachefs_origin_limit_cuts",
+                "Times push-back (throttling, 5xx, timeouts) halved a host's limit",
+                value=slots.cuts(),
+            )
         # Totals only: a host label would name buckets (labels never carry those).
         state = breakers.snapshot().values()
         yield gauge(

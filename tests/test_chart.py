@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -63,6 +64,7 @@ EVERYTHING = {  # every optional part of the chart switched on
         "origins": [{"prefix": "s3://models/", "options": {"anon": False}}],
         "retry": {"attempts": 8},
         "server": {"socket_group": "2000", "shutdown_grace": 60},
+        "models": {"enabled": True, "resync": 30},
         "policy": [
             {"callers": ["pod"], "allow": ["view"], "sources": ["s3://models/"]},
             {
@@ -74,15 +76,27 @@ EVERYTHING = {  # every optional part of the chart switched on
     },
     "models": [
         {"name": "llama-3-8b", "source": "s3://models/llama-3-8b/", "pin": True},
-        {"name": "mistral", "source": "gs://team-a/mistral/", "nodeSelector": {"pool": "cpu"}},
+        {
+            "namespace": "team-a",
+            "source": "gs://team-a/mistral/",
+            "revision": "1712345678901234",
+            "updatePolicy": "Latest",
+            "nodeSelector": {"pool": "cpu", "cachefs.io/tier": "nvme"},
+            "tier": "memory",
+            "pin": False,
+        },
     ],
-    "prefetch": {"activeDeadlineSeconds": 3600},
     "priorityClassName": "system-node-critical",
     "kubeletDir": "/var/data/kubelet",
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "imagePullSecrets": [{"name": "regcred"}],
 }
-NO_API = {"config": {"cluster": {"membership": "none", "label_node": False}}}
+NO_API = {
+    "config": {
+        "cluster": {"membership": "none", "label_node": False},
+        "models": {"enabled": False},
+    }
+}
 
 VALUES_FILES = sorted(EXAMPLES.glob("values-*.yaml"))
 CASES = {
@@ -159,6 +173,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(chart, case: str)
     for obj in objects:
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             _check_service_monitor(obj)
+        elif obj["apiVersion"].startswith("cachefs.io/"):
+            continue  # the chart's own CRD: tests/test_crd.py validates against its schema
         else:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
@@ -206,7 +222,16 @@ ALLOWED_RULES = {
     ("", "nodes", "get"),
     ("", "nodes", "patch"),
     ("authentication.k8s.io", "tokenreviews", "create"),
+    # The model controller (node/models): every model, its finalizer and status; the
+    # Lease of its leader, in the release's namespace.
+    *{("cachefs.io", "cachedmodels", v) for v in ("get", "list", "watch", "update", "patch")},
+    ("cachefs.io", "cachedmodels/status", "update"),
+    ("cachefs.io", "cachedmodels/status", "patch"),
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
 }
+MODEL_RULES = {rule for rule in ALLOWED_RULES if rule[0] in ("cachefs.io", "coordination.k8s.io")}
 
 
 def _grants(objects: list[dict], kind: str) -> set[tuple[str, str, str]]:
@@ -228,11 +253,22 @@ def test_rbac_grants_only_what_the_node_uses(chart, case: str) -> None:
     objects = render(chart, CASES[case])
     namespaced, cluster = _grants(objects, "Role"), _grants(objects, "ClusterRole")
     assert namespaced | cluster <= ALLOWED_RULES
-    assert all(resource == "endpointslices" for _, resource, _ in namespaced)
-    assert {r for _, r, _ in cluster} <= {"nodes", "tokenreviews"}  # cluster-wide kinds
+    assert {r for _, r, _ in namespaced} <= {"endpointslices", "leases"}
+    # Cluster-wide kinds, and CachedModels, which live in every namespace.
+    kinds = {"nodes", "tokenreviews", "cachedmodels", "cachedmodels/status"}
+    assert {r for _, r, _ in cluster} <= kinds
     config = rendered_config(objects)
-    assert bool(namespaced) == (config["cluster"]["membership"] == "kubernetes")
-    assert any(r == "nodes" for _, r, _ in cluster) == bool(config["cluster"].get("label_node"))
+    membership = config["cluster"]["membership"] == "kubernetes"
+    assert any(r == "endpointslices" for _, r, _ in namespaced) == membership
+    models = bool(config["models"].get("enabled"))
+    assert (namespaced | cluster) & MODEL_RULES == (MODEL_RULES if models else set())
+    label_node = bool(config["cluster"].get("label_node"))
+    # Labels are patched; the model controller reads its Node's labels.
+    assert (("", "nodes", "patch") in cluster) == label_node
+    assert (("", "nodes", "get") in cluster) == (label_node or models)
+    assert bool(of_kind(objects, "Role")) == (membership or models)
+    if models:  # its Lease is where the Role reaches, whatever POD_NAMESPACE says
+        assert config["models"]["lease_namespace"] == NAMESPACE
     # Pods prove who they are through TokenReviews, whatever else is on.
     assert ("authentication.k8s.io", "tokenreviews", "create") in cluster
     account = one(objects, "ServiceAccount")["metadata"]["name"]
@@ -247,7 +283,7 @@ def test_rbac_grants_only_what_the_node_uses(chart, case: str) -> None:
     assert pod["automountServiceAccountToken"] is True
     for spec in pod_specs(objects):
         if spec is not pod:
-            assert spec["automountServiceAccountToken"] is False  # prefetch Jobs: no API
+            assert spec["automountServiceAccountToken"] is False  # any other pod: no API
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -345,44 +381,66 @@ def test_a_memory_emptydir_is_as_large_as_the_tier(chart, quota: str, quantity: 
     kubernetes_validate.validate(one(objects, "DaemonSet"), KUBE_VERSION, strict=True)
 
 
+MODEL_SPEC_KEYS = ("source", "revision", "updatePolicy", "nodeSelector", "tier", "pin")
+
+
+def derived_name(source: str) -> str:
+    """The CachedModel name the chart gives an entry without one: the last segment of
+    the source's path, lower case, each run of other characters one '-'."""
+    path = re.sub(r"[?#].*$", "", source.split("://", 1)[1]).rstrip("/")
+    return re.sub(r"[^a-z0-9]+", "-", path.rsplit("/", 1)[-1].lower()).strip("-")[:63].rstrip("-")
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_models_become_cluster_prefetch_hook_jobs(chart, case: str) -> None:
+def test_models_become_cachedmodel_objects(chart, case: str) -> None:
+    """Each entry of ``models`` is a CachedModel the nodes reconcile: no hook, no Job."""
     values = CASES[case]
     objects = render(chart, values)
-    jobs = of_kind(objects, "Job")
+    assert of_kind(objects, "Job") == []
+    cached = of_kind(objects, "CachedModel")
     models = values.get("models", [])
-    assert len(jobs) == len(models)
-    service = one(objects, "Service")["metadata"]["name"]
-    token_volume = next(
-        v
-        for v in one(objects, "DaemonSet")["spec"]["template"]["spec"]["volumes"]
-        if v["name"] == "token"
-    )
-    for job, model in zip(jobs, models, strict=True):
-        assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
-        assert (
-            "before-hook-creation" in job["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
-        )
-        spec = job["spec"]["template"]["spec"]
-        (container,) = spec["containers"]
-        assert container["command"] == ["cachefs"]
-        args = container["args"]
-        assert args[:3] == ["prefetch", "--cluster", "--wait"] and args[-1] == model["source"]
-        endpoint = args[args.index("--endpoint") + 1]
-        assert endpoint == f"{service}.{NAMESPACE}.svc.cluster.local:7070"
-        assert ("--pin" in args) is bool(model.get("pin"))
-        assert spec.get("nodeSelector") == (model.get("nodeSelector") or None)
-        env = {e["name"]: e["value"] for e in container["env"]}
-        token_mount = next(m for m in container["volumeMounts"] if m["name"] == "token")
-        assert env["CACHEFS_TOKEN_FILE"] == f"{token_mount['mountPath']}/token"
-        assert next(v for v in spec["volumes"] if v["name"] == "token") == token_volume
+    assert len(cached) == len(models)
+    chart_labels = one(objects, "DaemonSet")["metadata"]["labels"]
+    for obj, model in zip(cached, models, strict=True):
+        assert obj["apiVersion"] == "cachefs.io/v1alpha1"
+        meta = obj["metadata"]
+        assert meta["namespace"] == model.get("namespace", NAMESPACE)
+        assert meta["name"] == model.get("name") or derived_name(model["source"])
+        assert "annotations" not in meta  # an ordinary release object, not a hook
+        assert meta["labels"] == {**chart_labels, "app.kubernetes.io/component": "model"}
+        assert obj["spec"] == {k: model[k] for k in MODEL_SPEC_KEYS if k in model}
+    if models:
+        assert rendered_config(objects)["models"]["enabled"] is True
 
 
-def test_models_that_cannot_be_prefetched_are_refused(chart) -> None:
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        ("s3://models/llama-3-8b/", "llama-3-8b"),
+        ("hf://meta-llama/Llama-3.1-8B-Instruct", "llama-3-1-8b-instruct"),
+        ("https://models.example.com/mistral/model.safetensors?download=1", "model-safetensors"),
+        ("gs://bucket/", "bucket"),
+        ("az://weights/--Qwen2__7B--/", "qwen2-7b"),
+        ("s3://models/" + "x" * 80 + "-y/", "x" * 63),
+    ],
+)
+def test_a_model_without_a_name_is_named_after_its_source(chart, source: str, name: str) -> None:
+    assert derived_name(source) == name
+    (obj,) = of_kind(render(chart, {"models": [{"source": source}]}), "CachedModel")
+    assert obj["metadata"]["name"] == name
+
+
+def test_models_that_cannot_be_objects_are_refused(chart) -> None:
     model = {"name": "llama", "source": "s3://models/llama/"}
-    with pytest.raises(helm_python.HelmRenderError, match="used twice"):
+    with pytest.raises(helm_python.HelmRenderError, match="two entries make the CachedModel"):
         render(chart, {"models": [model, {**model, "source": "s3://models/other/"}]})
-    with pytest.raises(helm_python.HelmRenderError, match="membership"):
+    with pytest.raises(helm_python.HelmRenderError, match="cachefs/llama"):
+        render(chart, {"models": [model, {"source": "s3://other/llama/"}]})  # derived: llama
+    elsewhere = {**model, "namespace": "team-a"}  # the same name in another namespace
+    assert len(of_kind(render(chart, {"models": [model, elsewhere]}), "CachedModel")) == 2
+    with pytest.raises(helm_python.HelmRenderError, match="gives no name"):
+        render(chart, {"models": [{"source": "s3://___/"}]})
+    with pytest.raises(helm_python.HelmRenderError, match=r"config\.models\.enabled"):
         render(chart, {**NO_API, "models": [model]})
 
 
@@ -418,9 +476,42 @@ BAD_VALUES = {  # values, and where the schema must find the fault
         {"models": [{"name": "llama", "source": "llama-3-8b"}]},
         "/models/0/source",
     ),
-    "model name not a DNS label": (
+    "model name not a DNS name": (
         {"models": [{"name": "Llama_3", "source": "s3://m/l/"}]},
         "/models/0/name",
+    ),
+    "model source of another scheme": (
+        {"models": [{"source": "ftp://models/llama/"}]},
+        "/models/0/source",
+    ),
+    "model source with a password": (
+        {"models": [{"source": "https://user:secret@hub.example.com/llama/"}]},
+        "/models/0/source",
+    ),
+    "model revision with a space": (
+        {"models": [{"source": "s3://m/l/", "revision": "v1 final"}]},
+        "/models/0/revision",
+    ),
+    "model tier in upper case": (
+        {"models": [{"source": "s3://m/l/", "tier": "Memory"}]},
+        "/models/0/tier",
+    ),
+    "model update policy unknown": (
+        {"models": [{"source": "s3://m/l/", "updatePolicy": "Always"}]},
+        "/models/0/updatePolicy",
+    ),
+    "model nodeSelector key not a label": (  # Helm reports a bad key at the root
+        {"models": [{"source": "s3://m/l/", "nodeSelector": {"pool/gpu/h100": "true"}}]},
+        "",
+    ),
+    "model in a namespace that is no DNS label": (
+        {"models": [{"source": "s3://m/l/", "namespace": "Team_A"}]},
+        "/models/0/namespace",
+    ),
+    "prefetch Jobs, gone with CachedModels": ({"prefetch": {"backoffLimit": 6}}, ""),
+    "the models Lease's namespace, the chart's": (
+        {"config": {"models": {"lease_namespace": "kube-system"}}},
+        "/config/models",
     ),
     "relative kubeletDir": ({"kubeletDir": "var/lib/kubelet"}, "/kubeletDir"),
     "kubeletDir with a trailing slash": ({"kubeletDir": "/var/lib/kubelet/"}, "/kubeletDir"),
@@ -475,28 +566,54 @@ def _example_manifests() -> list[tuple[str, dict]]:
 
 def test_example_manifests_validate_and_match_the_gpu_pool_values() -> None:
     manifests = _example_manifests()
-    assert {name for name, _ in manifests} >= {"vllm/deployment.yaml", "loader/job.yaml"}
+    assert {name for name, _ in manifests} >= {
+        "vllm/deployment.yaml",
+        "loader/job.yaml",
+        "cachedmodel.yaml",
+        "vllm-cachedmodel.yaml",
+    }
+    models = {
+        (obj["metadata"]["namespace"], obj["metadata"]["name"]): obj
+        for _, obj in manifests
+        if obj["kind"] == "CachedModel"
+    }
     gpu_values = yaml.safe_load((EXAMPLES / "values-gpu-pool.yaml").read_text())
     policy = Policy.from_config(gpu_values["config"]["policy"])
     for name, obj in manifests:
+        if obj["kind"] == "CachedModel":
+            continue  # the chart's own kind: tests/test_crd.py validates it against the CRD
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         if "template" not in obj.get("spec", {}):
             continue
+        namespace = obj["metadata"]["namespace"]
         pod = obj["spec"]["template"]["spec"]
-        sources = [
-            v["csi"]["volumeAttributes"]["source"]
-            for v in pod["volumes"]
-            if v.get("csi", {}).get("driver") == DRIVER
-        ]
-        caller = Caller("pod", namespace=obj["metadata"]["namespace"], service_account="default")
+        sources = []
+        for volume in pod["volumes"]:
+            if volume.get("csi", {}).get("driver") != DRIVER:
+                continue
+            attributes = volume["csi"]["volumeAttributes"]
+            if "cachedModel" in attributes:  # a CachedModel of the pod's namespace
+                model = models[(namespace, attributes["cachedModel"])]
+                sources.append(model["spec"]["source"])
+                # The pods go where the model is kept.
+                assert model["spec"].get("nodeSelector", {}).items() <= pod["nodeSelector"].items()
+            else:
+                sources.append(attributes["source"])
+        caller = Caller("pod", namespace=namespace, service_account="default")
         for source in sources:  # a volume's pod may view its source
             policy.require(caller, "view", source)
         if not sources:  # a pod on the node's socket: its token, and rights to its model
             source = pod["containers"][0]["command"][-1]
             policy.require(caller, "prefetch", source)
             _assert_projects_a_cachefs_token(pod)
-        terms = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-        keys = {e["key"] for t in terms for e in t["preference"]["matchExpressions"]}
+        affinity = pod["affinity"]["nodeAffinity"]
+        terms = [
+            t["preference"]
+            for t in affinity.get("preferredDuringSchedulingIgnoredDuringExecution", [])
+        ]
+        required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {})
+        terms += required.get("nodeSelectorTerms", [])
+        keys = {e["key"] for t in terms for e in t["matchExpressions"]}
         model = sources[0] if sources else pod["containers"][0]["command"][-1]
         assert keys == {label_key(model)}, f"{name}: regenerate with `cachefs label {model}`"
 
@@ -731,9 +848,10 @@ def test_the_rendered_daemonset_serves_a_csi_volume(
 
     # The rendered config, its paths inside the containers as the chart wrote them, is
     # written where the ConfigMap is mounted. Kubernetes membership is covered by
-    # tests/test_membership.py: the cluster section is replaced by a static cluster of
-    # this one node, which a cluster prefetch (the hook Job's) needs, and an API
-    # stand-in that answers the node's TokenReviews.
+    # tests/test_membership.py and CachedModels by tests/test_models.py: the cluster
+    # section is replaced by a static cluster of this one node, which a cluster prefetch
+    # needs, and an API stand-in that answers the node's TokenReviews; the model
+    # controller is off.
     config = rendered_config(objects)
     for tier in config["tiers"]:
         assert node.path(tier["path"]) == plugin.path(tier["path"])
@@ -745,6 +863,8 @@ def test_the_rendered_daemonset_serves_a_csi_volume(
         "peers": [address],
         "kubernetes_api_url": kube_api.url,
     }
+    assert config["models"]["enabled"] is True
+    config["models"] = {"enabled": False}
     config_file = node.path(node.flag("--config"))
     assert config_file == plugin.path(plugin.flag("--config"))
     config_file.write_text(yaml.safe_dump(config))
@@ -761,15 +881,12 @@ def test_the_rendered_daemonset_serves_a_csi_volume(
     with urllib.request.urlopen(f"http://{serving['metrics_address']}/metrics", timeout=10) as r:
         assert b"cachefs_tier_quota_bytes" in r.read()
 
-    # The prefetch hook Job, its Service name standing for this node's TCP address: the
-    # token it mounts is the one the node demands.
+    # A cluster prefetch by hand (docs/kubernetes.md), through the peers Service, whose
+    # name this node's TCP address stands for: the token the node container mounts is
+    # the one the node demands.
     expected = _model(s3)
-    (job,) = of_kind(objects, "Job")
-    prefetch = host.pod("prefetch", job["spec"]["template"]["spec"]).container("prefetch")
-    argv = prefetch.argv()
-    assert argv[argv.index("--endpoint") + 1].endswith(":7070")
-    argv[argv.index("--endpoint") + 1] = serving["address"]
-    done = _run_cli(prefetch, argv)
+    argv = ["prefetch", "--cluster", "--wait", "--endpoint", serving["address"]]
+    done = _run_cli(node, [*argv, "--pin", "--holder", "model:llama", source])
     assert done.returncode == 0, done.stderr
     status = _run_cli(node, ["status", "--json"])  # kubectl exec ... -c node -- cachefs status
     assert status.returncode == 0, status.stderr

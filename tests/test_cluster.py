@@ -349,3 +349,25 @@ def test_a_cancelled_cluster_prefetch_stops_on_every_member(cluster, s3) -> None
     member = NodeClient(nodes[1].unix_endpoint)  # its share ran as a job of its own
     wait_for(lambda: [j.state for j in member.status().jobs] == ["cancelled"], 30)
     assert len(set(s3.gets(key))) < 64  # not every block was fetched
+
+
+def test_each_node_fills_its_own_blocks_first_then_starts_at_its_own_offset() -> None:
+    """A cluster prefetch on every node at once: each fills the blocks it owns first
+    (the others wait for those), and the rest from an offset of its own, so the nodes
+    do not all ask the same few owners for the same blocks at the same moment."""
+    from cachefs.node.cluster.hashing import block_key, rank
+    from cachefs.node.cluster.membership import StaticMembership
+    from cachefs.node.cluster.peers import Peers
+
+    members = ["10.0.0.1:7070", "10.0.0.2:7070", "10.0.0.3:7070"]
+    blocks = [("objectid", index) for index in range(300)]
+    orders = {}
+    for member in members:
+        peers = Peers(StaticMembership(members), self_address=member)
+        order = peers.fill_order(blocks, key=lambda block: block)
+        assert sorted(order) == blocks  # every block, once
+        owned = [b for b in blocks if rank(block_key(*b), members)[0] == member]
+        assert order[: len(owned)] == owned and 50 < len(owned) < 150
+        orders[member] = order[len(owned) :]
+    starts = {order[0] for order in orders.values()}
+    assert len(starts) == len(members)  # three different places to begin the rest

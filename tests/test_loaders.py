@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,92 @@ def test_a_cold_object_streams_first_tensor_before_it_is_complete(
     gets = s3.gets("cold/model.safetensors")
     assert len(gets) == blocks and len(set(gets)) == blocks  # each block once
     assert loader.stats.client_reads > 0
+
+
+def _sharded_at_origin(s3: S3Bucket, tmp_path: Path, prefix: str) -> dict[str, Any]:
+    """Two shards of a dozen 16 KiB tensors and their index, under ``prefix``."""
+    g = torch.Generator().manual_seed(14)
+    tensors = {f"layer.{i:02d}": torch.randn(4 * KiB, generator=g) for i in range(12)}
+    local = tmp_path / prefix
+    _shard(local, tensors, 2)
+    for file in local.iterdir():
+        s3.put(f"{prefix}/{file.name}", file.read_bytes())
+    return tensors
+
+
+def test_a_prefix_with_an_index_is_not_listed(
+    s3: S3Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    """The index is asked for by name: a listing is needed only for a prefix without
+    one."""
+    tensors = _sharded_at_origin(s3, tmp_path, "indexed")
+    options = _config(tmp_path, cache_dir)
+    _assert_same(
+        load_safetensors(f"cachefs::{s3.url('indexed/')}", storage_options=options), tensors
+    )
+    assert not [r for r in s3.requests if r.method == "GET" and not r.object_request]
+
+
+def test_reading_a_header_reads_nothing_ahead(
+    s3: S3Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    """A header's reads do not look sequential to the cache, so it reads ahead none of
+    the blocks after it: while the first shard's tensors load, the second shard's
+    blocks after its header are not asked for."""
+    tensors = _sharded_at_origin(s3, tmp_path, "ordered")
+    options = _config(tmp_path, cache_dir)  # two blocks of read-ahead
+    second = "ordered/model-00002-of-00002.safetensors"
+    with s3.hold_gets(second, min_start=BLOCK) as gate:
+        iterator = iter(
+            SafetensorsLoader(
+                f"cachefs::{s3.url('ordered/')}",
+                storage_options=options,
+                prefetch=False,
+                chunk_size=8 * KiB,
+            )
+        )
+        name, first = next(iterator)
+        assert not gate.arrived.is_set()
+        gate.release()
+        rest = dict(iterator)
+    _assert_same({name: first, **rest}, tensors)
+
+
+def test_headers_do_not_wait_behind_the_prefetch(
+    s3: S3Bucket, tmp_path: Path, cache_dir: Path
+) -> None:
+    """With one fill at a time, the prefetch's queue holds the blocks in file order.
+    The origin holds the first shard's first block until the prefetch's fill is held at
+    that shard's last block: the second shard's header (its first block, queued behind
+    the held one) has been read all the same, so the first tensor comes at once."""
+    tensors = _sharded_at_origin(s3, tmp_path, "queued")
+    config = tmp_path / "one-fill.yaml"
+    config.write_text(yaml.safe_dump({"block_size": BLOCK, "concurrency": 1}))
+    options = {"cache_dir": str(cache_dir), "config": str(config), "skip_instance_cache": True}
+    first_shard = "queued/model-00001-of-00002.safetensors"
+    last_block = (len(s3.get(first_shard)) - 1) // BLOCK * BLOCK
+    assert last_block >= 2 * BLOCK  # the first tensor lies in earlier blocks
+
+    def at_start(record: Any) -> bool:
+        return record.byte_range is not None and record.byte_range[0] == 0
+
+    with (
+        s3.hold_gets(first_shard, at_start) as header,
+        s3.hold_gets(first_shard, min_start=last_block, max_hold=10) as last,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        loader = SafetensorsLoader(
+            f"cachefs::{s3.url('queued/')}", storage_options=options, chunk_size=8 * KiB
+        )
+        iterator = iter(loader)
+        first = pool.submit(next, iterator)
+        last.wait_held(timeout=30)  # every block after it waits in the queue
+        header.release()
+        name, tensor = first.result(timeout=30)
+        assert not last.timed_out  # the first tensor did not wait for the held block
+        last.release()
+        rest = dict(iterator)
+    _assert_same({name: tensor, **rest}, tensors)
 
 
 def test_loading_through_a_node(start_node, s3: S3Bucket, tmp_path: Path) -> None:

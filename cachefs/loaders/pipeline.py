@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 
 from cachefs.loaders.errors import DeviceOutOfMemoryError, SafetensorsFormatError
 from cachefs.loaders.format import DTYPE_SIZES, Header, TensorEntry, parse_header
-from cachefs.loaders.sources import Resolved, Shard, resolve
+from cachefs.loaders.sources import MAX_THREADS, Resolved, Shard, resolve
 
 MiB = 1024 * 1024
 DEFAULT_CHUNK_SIZE = 32 * MiB
@@ -401,10 +402,10 @@ class SafetensorsLoader:
 
     def _run(self) -> Iterator[tuple[str, torch.Tensor]]:
         started = time.perf_counter()
-        resolved = resolve(self.source, self.storage_options, self.filesystem, self.prefetch)
+        resolved = resolve(self.source, self.storage_options, self.filesystem)
         finished = False
         try:
-            headers = [self._header(shard) for shard in resolved.shards]
+            headers = self._headers(resolved)
             _check_index(resolved, headers)
             tensors = self._allocate(resolved, headers)
             chunks = _plan(tensors, self.chunk_size)
@@ -426,8 +427,24 @@ class SafetensorsLoader:
             resolved.close()
             self.stats.seconds = time.perf_counter() - started
 
+    def _headers(self, resolved: Resolved) -> list[Header]:
+        """Every shard's header, all asked for at once and before the background
+        prefetch starts: a header is the first thing the load needs of a shard, and
+        behind the prefetch's queue of tensor blocks it would arrive last."""
+        shards = resolved.shards
+        with ThreadPoolExecutor(min(MAX_THREADS, len(shards)), "cachefs-loader-header") as pool:
+            futures = [pool.submit(self._header, shard) for shard in shards]
+            if self.prefetch:
+                resolved.start_prefetch()
+            return [future.result() for future in futures]
+
     def _header(self, shard: Shard) -> Header:
-        return parse_header(shard.name, shard.size, shard.read, known_dtype)
+        """The header, with reads that each start at the file's first byte: a read that
+        starts where the previous one ended looks sequential to the cache, which would
+        then read ahead the blocks after the header, before those the load needs first."""
+        return parse_header(
+            shard.name, shard.size, lambda start, end: shard.read(0, end)[start:], known_dtype
+        )
 
     def _allocate(self, resolved: Resolved, headers: list[Header]) -> list[_Tensor]:
         tensors: list[_Tensor] = []

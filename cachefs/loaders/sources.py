@@ -8,8 +8,10 @@ is read through the cache). A directory or prefix loads the shards its
 A ``Shard`` reads byte ranges into buffers the caller owns. A local file is read with
 ``preadv``. A cached object is read from its verified data file once it is complete
 and visible on this host, and through the cache client (``readinto``) before that,
-while a background prefetch fills it ahead of the reads. Nothing here imports the
-gRPC client or the engine unless a URL is given.
+while a background prefetch fills it ahead of the reads. The loader starts that
+prefetch (``Resolved.start_prefetch``) once it has asked for every shard's header,
+so the headers are fetched first and do not wait behind the tensor blocks. Nothing
+here imports the gRPC client or the engine unless a URL is given.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cachefs.loaders")
 
 INDEX_NAME = "model.safetensors.index.json"
+MAX_THREADS = 16  # shards stat'ed, or their headers read, at once
 _URL_PREFIXES = ("cachefs::", "cachefs://")
 try:
     _IOV_MAX = max(1, min(os.sysconf("SC_IOV_MAX"), 1024))
@@ -222,7 +226,14 @@ class Resolved:
     shards: list[Shard]
     index: str | None = None  # the index file's path or URL
     weight_map: dict[str, str] = field(default_factory=dict)  # tensor -> shard's name
+    client: CacheClient | None = None  # the cache's, for a URL
     prefetch: Prefetch | None = None
+
+    def start_prefetch(self) -> None:
+        """Fill the shards the cache does not hold completely, in the background."""
+        cold = [s for s in self.shards if isinstance(s, CachedShard) and not s.local]
+        if self.client is not None and cold and self.prefetch is None:
+            self.prefetch = Prefetch(self.client, cold).start()
 
     def close(self) -> None:
         for shard in self.shards:
@@ -268,11 +279,10 @@ def resolve(
     source: str | os.PathLike[str],
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
-    prefetch: bool = True,
 ) -> Resolved:
-    """The shards ``source`` names, opened; a background prefetch for cached ones."""
+    """The shards ``source`` names, opened (their background prefetch not started)."""
     if is_url(source):
-        return _resolve_url(origin_url(os.fspath(source)), storage_options, filesystem, prefetch)
+        return _resolve_url(origin_url(os.fspath(source)), storage_options, filesystem)
     if storage_options or filesystem is not None:
         raise ValueError(
             f"{os.fspath(source)!r} is a local path: storage_options and filesystem apply "
@@ -312,8 +322,22 @@ def _local_index(index: Path) -> Resolved:
     return Resolved(opened, str(index), {t: by_file[s] for t, s in weight_map.items()})
 
 
-def _open_all(opener: Callable[..., Shard], items: Sequence[Any]) -> list[Shard]:
-    opened: list[Shard] = []
+def _open_all(
+    opener: Callable[[Any], Shard], items: Sequence[Any], threads: int = 1
+) -> list[Shard]:
+    """Every item opened, in order; ``threads`` at once (a stat at the origin each,
+    for cached objects); on any failure the opened ones are closed again."""
+    if threads > 1 and len(items) > 1:
+        with ThreadPoolExecutor(min(threads, len(items)), "cachefs-loader-open") as pool:
+            futures = [pool.submit(opener, item) for item in items]
+        opened = [f.result() for f in futures if f.exception() is None]
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is not None:
+            for shard in opened:
+                shard.close()
+            raise failed
+        return opened
+    opened = []
     try:
         for item in items:
             opened.append(opener(item))
@@ -369,53 +393,52 @@ def client_of(storage_options: dict[str, Any] | None, filesystem: Any) -> CacheC
     return _filesystem(storage_options, filesystem).client
 
 
-def _resolve_url(
-    url: str, storage_options: dict[str, Any] | None, filesystem: Any, prefetch: bool
-) -> Resolved:
+def _resolve_url(url: str, storage_options: dict[str, Any] | None, filesystem: Any) -> Resolved:
     fs = _filesystem(storage_options, filesystem)
     client: CacheClient = fs.client
     allow_local = bool(getattr(fs, "local_reads", True))
+
+    def open_url(shard_url: str) -> Shard:
+        return CachedShard(client, shard_url, client.stat(shard_url), allow_local)
+
     given = url
-    index_url: str | None = None
-    shard_urls: list[str] = []
     if url.endswith(".index.json"):
-        index_url = url
-    elif not url.endswith("/"):
+        try:
+            index = client.stat(url)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{url}: no such object") from None
+        return _url_index(client, url, index, allow_local)
+    if not url.endswith("/"):
         try:
             info = client.stat(url)
-        except IsADirectoryError:
-            url += "/"
-        except FileNotFoundError:
-            url += "/"  # maybe a prefix without its slash: the listing will tell
+        except (IsADirectoryError, FileNotFoundError):
+            url += "/"  # maybe a prefix without its slash
         else:
-            return _start(Resolved([CachedShard(client, url, info, allow_local)]), client, prefetch)
-    if index_url is None:
-        prefix = url
-        try:
-            listing = client.ls(prefix)
-        except FileNotFoundError:
-            listing = []
-        names = {entry["name"]: entry for entry in listing if entry.get("type", "file") == "file"}
-        candidate = prefix + INDEX_NAME
-        if any(n == candidate or n.endswith("/" + INDEX_NAME) for n in names):
-            index_url = candidate
-        else:
-            shard_urls = sorted(n for n in names if n.endswith(".safetensors"))
-            if not shard_urls:
-                message = f"{prefix} holds no *.safetensors objects and no {INDEX_NAME}"
-                if not listing:
-                    message = f"{given}: no such object or prefix"
-                raise FileNotFoundError(errno.ENOENT, message)
-            shards = _open_all(
-                lambda u: CachedShard(client, u, client.stat(u), allow_local), shard_urls
-            )
-            return _start(Resolved(shards), client, prefetch)
+            return Resolved([CachedShard(client, url, info, allow_local)], client=client)
+    try:  # most models have an index: then the prefix need not be listed
+        index = client.stat(url + INDEX_NAME)
+    except (FileNotFoundError, IsADirectoryError):
+        pass
+    else:
+        return _url_index(client, url + INDEX_NAME, index, allow_local)
     try:
-        info = client.stat(index_url)
+        listing = client.ls(url)
     except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, f"{index_url}: no such object") from None
+        listing = []
+    names = [e["name"] for e in listing if e.get("type", "file") == "file"]
+    shard_urls = sorted(n for n in names if n.endswith(".safetensors"))
+    if not shard_urls:
+        message = f"{url} holds no *.safetensors objects and no {INDEX_NAME}"
+        if not listing:
+            message = f"{given}: no such object or prefix"
+        raise FileNotFoundError(errno.ENOENT, message)
+    return Resolved(_open_all(open_url, shard_urls, MAX_THREADS), client=client)
+
+
+def _url_index(client: CacheClient, url: str, info: ObjectInfo, allow_local: bool) -> Resolved:
+    """The shards an index object names, stat'ed at once (a round trip each when cold)."""
     weight_map = parse_index(info.url, client.read(info, 0, info.size))
-    base = index_url.rsplit("/", 1)[0] + "/"
+    base = url.rsplit("/", 1)[0] + "/"
     shards_and_firsts = _shard_names(weight_map)
 
     def open_shard(item: tuple[str, str]) -> Shard:
@@ -427,14 +450,7 @@ def _resolve_url(
             raise MissingShardError(info.url, name, tensor, f"object {shard_url}") from None
         return CachedShard(client, shard_url, shard_info, allow_local)
 
-    shards = _open_all(open_shard, shards_and_firsts)
+    shards = _open_all(open_shard, shards_and_firsts, MAX_THREADS)
     by_file = {name: shards[i].name for i, (name, _) in enumerate(shards_and_firsts)}
-    resolved = Resolved(shards, info.url, {t: by_file[s] for t, s in weight_map.items()})
-    return _start(resolved, client, prefetch)
-
-
-def _start(resolved: Resolved, client: CacheClient, prefetch: bool) -> Resolved:
-    cold = [s for s in resolved.shards if isinstance(s, CachedShard) and not s.local]
-    if prefetch and cold:
-        resolved.prefetch = Prefetch(client, cold).start()
-    return resolved
+    weights = {t: by_file[s] for t, s in weight_map.items()}
+    return Resolved(shards, info.url, weights, client=client)

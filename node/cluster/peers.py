@@ -16,7 +16,9 @@ import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import xxhash
 
@@ -34,6 +36,7 @@ from cachefs.node.stats import LatencyHistogram
 from cachefs.rpc_errors import ERROR_KEY, rebuild
 
 log = logging.getLogger("cachefs.peers")
+T = TypeVar("T")
 FALLBACKS = 2  # next-ranked nodes whose caches an owner asks before the origin
 
 
@@ -136,6 +139,25 @@ class Peers:
 
     def others(self) -> list[str]:
         return [m for m in self.membership.members() if m != self.self_address]
+
+    def fill_order(self, items: Sequence[T], key: Callable[[T], tuple[str, int]]) -> list[T]:
+        """A prefetch's blocks in the order this node should fill them: those it owns
+        first (the fills the other nodes will wait for), then the rest from an offset
+        of its own, so that the nodes do not all ask the same few owners at once."""
+        members = list(self.membership.members())
+        if self.self_address not in members:
+            members.append(self.self_address)
+        if len(members) < 2:
+            return list(items)
+        own: list[T] = []
+        others: list[T] = []
+        for item in items:
+            owner = rank(block_key(*key(item)), members)[0]
+            (own if owner == self.self_address else others).append(item)
+        if others:
+            shift = xxhash.xxh3_64_intdigest(self.self_address.encode()) % len(others)
+            others = others[shift:] + others[:shift]
+        return own + others
 
     def plan(self, key: str, forwarded: bool) -> list[tuple[str, bool]]:
         """(peer, cached_only) to ask, in order, for block ``key``."""

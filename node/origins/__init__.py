@@ -4,8 +4,9 @@
 that version to a sink, retrying transient failures with backoff and jitter (as
 long as the origin's ``Retry-After`` asks, when it does). Every request takes one of
 the node's origin slots (``slots.py``: one limit for prefetches, readers and
-peer-forwarded fills) and passes its host's circuit breaker (``breaker.py``: a host
-that keeps failing is failed fast, then probed).
+peer-forwarded fills, and each host's adaptive limit, ``adaptive.py``) and passes
+its host's circuit breaker (``breaker.py``: a host that keeps failing is failed
+fast, then probed).
 Storage options come from the config (per URL prefix) and, in embedded mode, from
 the caller; they choose credentials, never cache keys.
 """
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 from cachefs.errors import OriginUnavailableError
 from cachefs.node.config import Config
+from cachefs.node.origins.adaptive import Settings
 from cachefs.node.origins.breaker import Breakers
 from cachefs.node.origins.ranged_http import RangedHTTPClient
 from cachefs.node.origins.ref import ObjectRef
@@ -74,7 +76,7 @@ class Origin:
             config.retry.timeout, config.allow_redirects_to, config.retry.min_rate
         )
         self._observe = observe
-        self.slots = OriginSlots(config.origin_connections)
+        self.slots = OriginSlots(config.origin_connections, _adaptive(config))
         self.breakers = Breakers(config.retry.breaker_failures, config.retry.breaker_cooldown)
 
     def backend(self, url: OriginURL) -> Backend:
@@ -115,13 +117,14 @@ class Origin:
                 name=missing,
             ) from exc
 
-    def _timed(self, operation: str, url: OriginURL, fn: Callable[[], Any]) -> Any:
+    def _timed(self, operation: str, url: OriginURL, fn: Callable[[], Any], nbytes: int = 0) -> Any:
         """``fn`` as one origin request: past its host's breaker (once per request),
-        each attempt in one of the node's slots, retried while transient."""
+        each attempt in one of the node's slots, retried while transient. ``nbytes``:
+        what a read brings, for its host's adaptive limit."""
         host = _host(url)
 
         def attempt() -> Any:
-            with self.slots.held(operation):
+            with self.slots.held(operation, host, nbytes):
                 started = time.perf_counter()
                 try:
                     result = fn()
@@ -175,7 +178,7 @@ class Origin:
             sink.begin()
             backend.read(ref, start, end, sink)
 
-        self._timed("read", ref.url, attempt)
+        self._timed("read", ref.url, attempt, end - start)
 
     def ls(self, url: OriginURL) -> list[dict[str, Any]]:
         """The origin's listing under ``url``, retried as a prefix's resolution is."""
@@ -184,6 +187,15 @@ class Origin:
             return self._timed("list", url, lambda: backend.ls(url))
         refs = self._timed("list", url, lambda: backend.list(url))
         return [{"name": r.canonical, "size": r.size, "type": "file"} for r in refs]
+
+
+def _adaptive(config: Config) -> Settings | None:
+    """Each host's adaptive limit, from the config (None: adaptation off)."""
+    limit = config.origin_limit
+    if not limit.adaptive:
+        return None
+    ceiling = min(limit.max, config.origin_connections)
+    return Settings(min(config.concurrency, ceiling), ceiling, limit.hold)
 
 
 def _host(url: OriginURL) -> str:

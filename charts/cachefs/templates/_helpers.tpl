@@ -61,13 +61,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s/plugins/%s" .Values.kubeletDir (include "cachefs.driverName" .) }}
 {{- end }}
 
-{{/* Whether the node calls the Kubernetes API (membership, Node labels). */}}
+{{/* Whether the node calls the Kubernetes API (membership, Node labels, models). */}}
 {{- define "cachefs.membership" -}}
 {{- (.Values.config.cluster | default dict).membership | default "kubernetes" }}
 {{- end }}
 
 {{- define "cachefs.labelsNodes" -}}
 {{- if (.Values.config.cluster | default dict).label_node }}true{{ end }}
+{{- end }}
+
+{{- define "cachefs.reconcilesModels" -}}
+{{- if (.Values.config.models | default dict).enabled }}true{{ end }}
 {{- end }}
 
 {{/* Whether the node must change a group owner (cache root or socket): CAP_CHOWN. */}}
@@ -94,8 +98,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The node's config file, built from the values. */}}
 {{- define "cachefs.config" -}}
 {{- $root := include "cachefs.cacheRoot" . }}
-{{- $config := deepCopy (omit .Values.config "server" "cluster" "csi" "policy") }}
-{{- /* The chart's own components (CSI plugin, prefetch Jobs) hold the cluster token. */}}
+{{- $config := deepCopy (omit .Values.config "server" "cluster" "csi" "policy" "models") }}
+{{- /* The chart's own component (the CSI plugin) holds the cluster token. */}}
 {{- $policy := list (dict "callers" (list "cluster") "allow" (list "all")) }}
 {{- $_ := set $config "policy" (concat $policy (.Values.config.policy | default list)) }}
 {{- $tiers := list }}
@@ -118,6 +122,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $cluster "kubernetes_port_name" "grpc" }}
 {{- end }}
 {{- $_ := set $config "cluster" $cluster }}
+{{- $models := deepCopy (.Values.config.models | default dict) }}
+{{- if $models.enabled }}
+{{- /* The Lease that elects the writer of models' status: where the Role lets it be. */}}
+{{- $_ := set $models "lease_namespace" .Release.Namespace }}
+{{- end }}
+{{- $_ := set $config "models" $models }}
 {{- $csi := deepCopy (.Values.config.csi | default dict) }}
 {{- $_ := set $csi "state_dir" (include "cachefs.csiStatePath" .) }}
 {{- $_ := set $config "csi" $csi }}
