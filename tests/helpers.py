@@ -44,7 +44,14 @@ def interrupt_when_held(argv: list[str], env: dict[str, str], gate: Any) -> tupl
     """Run ``argv``, press Ctrl-C (SIGINT) once it holds a request at ``gate``, and
     return (exit status, stdout, stderr); the gate opens only after it exited."""
     child = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A runner started in the background ignores SIGINT, and a child inherits
+        # that: Ctrl-C must reach the command as a terminal's would.
+        preexec_fn=_default_sigint,
     )
     try:
         gate.wait_held(count=1, timeout=30)
@@ -54,3 +61,7 @@ def interrupt_when_held(argv: list[str], env: dict[str, str], gate: Any) -> tupl
         gate.release()
         child.kill()
     return child.returncode, out, err
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

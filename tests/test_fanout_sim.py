@@ -173,7 +173,10 @@ def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_prints_the_table_and_writes_the_plot_and_json(tmp_path: Path) -> None:
     plot, out = tmp_path / "sim.png", tmp_path / "sim.json"
-    done = run_cli(tmp_path, "--nodes", "10", "50", "--plot", str(plot), "--json", str(out))
+    # The plot needs the bench extra (matplotlib); the tables and the JSON do not.
+    plots = importlib.util.find_spec("matplotlib") is not None
+    drawing = ["--plot", str(plot)] if plots else ["--no-plot"]
+    done = run_cli(tmp_path, "--nodes", "10", "50", *drawing, "--json", str(out))
     text = done.stdout
     for column in (
         "| N | cluster wall | bound | cluster (before: in-order walk) wall | bound | "
@@ -185,7 +188,7 @@ def test_cli_prints_the_table_and_writes_the_plot_and_json(tmp_path: Path) -> No
     assert "Check against the real runs" in text and "| 8 | cluster |" in text
     assert "Public figure" in text and "alone 26 TB, cluster 130 GB" in text
     assert "CPU-s/GiB: origin fill 1.10" in text  # the inputs, printed
-    assert plot.stat().st_size > 0
+    assert plot.stat().st_size > 0 if plots else not plot.exists()
     stored = json.loads(out.read_text())
     assert [row["alone"]["nodes"] for row in stored["predictions"]] == [10, 50]
     assert stored["predictions"][1]["alone"]["origin_bytes"] == 50 * 140e9
