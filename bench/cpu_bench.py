@@ -57,6 +57,7 @@ import yaml
 from load_bench import write_model
 from origins import Origin, file_digest, make_test_file, pinned, read_through, serve_s3, warm_etags
 from prefetch_bench import Machine, find_binary, parse_size, read_file, wait_for_quiet
+from source_tree import cachefs_argv, source_tree
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "bench"
@@ -72,35 +73,7 @@ QUIET_LOAD = 0.8
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 _HZ = os.sysconf("SC_CLK_TCK")
-STEPS = ("fill", "peer", "read", "loader", "s5cmd")
-
-# Every cachefs process (node, CLI, reader, loader) starts through this, so that
-# ``cachefs`` and the folders the project installs as ``cachefs.node`` and
-# ``cachefs.csi`` are imported from the source tree named first, whatever is
-# installed: ``python -c BOOT TREE -m MODULE ARGS`` or ``python -c BOOT TREE -c CODE ARGS``.
-BOOT = """
-import importlib.util, os, runpy, sys
-tree = sys.argv[1]
-folders = {"cachefs": "cachefs", "cachefs.node": "node", "cachefs.csi": "csi"}
-
-class SourceTree:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name not in folders:
-            return None
-        where = os.path.join(tree, folders[name])
-        return importlib.util.spec_from_file_location(
-            name, os.path.join(where, "__init__.py"), submodule_search_locations=[where])
-
-sys.meta_path.insert(0, SourceTree)
-kind, what = sys.argv[2], sys.argv[3]
-if kind == "-m":
-    sys.argv = [what, *sys.argv[4:]]
-    runpy.run_module(what, run_name="__main__", alter_sys=True)
-else:
-    sys.argv = ["-c", *sys.argv[4:]]
-    exec(compile(what, "<cpu_bench>", "exec"), {"__name__": "__main__"})
-"""
+STEPS = ("fill", "peer", "read", "loader", "s5cmd", "sendfile")
 
 # The local path and state of cached objects, as a node's Stat reports them.
 STAT = """
@@ -137,6 +110,45 @@ def done(started, cpu_started, **extra):
 
 # gRPC Read of the whole object into a preallocated, touched buffer; the first
 # 64 MiB read once untimed (channel, HTTP/2 windows, the node's threads warm).
+# The kernel's own cost of a peer send on this machine, without cachefs: the same file
+# sent in 8 MiB ranges with os.sendfile over one loopback connection to a process that
+# reads into one buffer. ``python -c SENDFILE PATH`` prints {"seconds", "sender",
+# "receiver"}: wall time and each process's CPU seconds.
+SENDFILE = """
+import json, os, resource, socket, sys, time
+path = sys.argv[1]
+size = os.path.getsize(path)
+listener = socket.create_server(("127.0.0.1", 0))
+port = listener.getsockname()[1]
+ready, go = os.pipe()
+child = os.fork()
+if child == 0:  # the receiver
+    conn = socket.create_connection(("127.0.0.1", port))
+    buffer, got = memoryview(bytearray(1 << 20)), 0
+    while got < size:
+        n = conn.recv_into(buffer)
+        if not n:
+            break
+        got += n
+    os._exit(0 if got == size else 1)
+conn, _ = listener.accept()
+fd = os.open(path, os.O_RDONLY)
+start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+offset = 0
+while offset < size:
+    end = min(offset + (8 << 20), size)
+    while offset < end:
+        offset += os.sendfile(conn.fileno(), fd, offset, end - offset)
+after = resource.getrusage(resource.RUSAGE_SELF)
+_, status, usage = os.wait4(child, 0)
+seconds = time.perf_counter() - start
+if status:
+    raise SystemExit("the receiver got fewer bytes than were sent")
+sender = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+print(json.dumps({"seconds": seconds, "sender": sender,
+                  "receiver": usage.ru_utime + usage.ru_stime}))
+"""
+
 READER = (
     TIMED
     + """
@@ -337,11 +349,6 @@ def free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def cachefs_argv(tree: Path, kind: str, what: str, *args: str) -> list[str]:
-    """``python`` running ``-m MODULE`` or ``-c CODE`` with cachefs from ``tree``."""
-    return [sys.executable, "-c", BOOT, str(tree), kind, what, *args]
-
-
 @dataclass
 class Node:
     name: str
@@ -473,6 +480,7 @@ PATHS = {
     "loader-local": "loader, node's file",
     "loader-grpc": "loader, gRPC",
     "s5cmd": "s5cmd cp",
+    "sendfile": "sendfile alone (the kernel's floor)",
 }
 ORIGIN = "rclone (origin)"
 
@@ -759,6 +767,26 @@ class Bench:
             shutil.rmtree(dest, ignore_errors=True)
         self.record(step)
 
+    # -- the kernel alone --------------------------------------------------------------------
+
+    def sendfile_floor(self, run: int) -> None:
+        """What sending the object's bytes costs with no cachefs: the floor under the
+        peer sender's CPU on this machine (loopback charges the sender for TCP's work)."""
+        step = Step(run, "", "sendfile", bytes=self.size)
+        source = self.origin.root / BUCKET / OBJECT_KEY
+        try:
+            self.cold(source)
+            self.prefault()
+            step.load = os.getloadavg()[0]
+            argv = pinned([sys.executable, "-c", SENDFILE, str(source)], self.args.node_cpus)
+            done = run_client(argv, self.env(), self.work, self.args.timeout, "sendfile")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            step.cpu = {"sender": result["sender"], "receiver": result["receiver"]}
+            step.seconds = step.process_seconds = result["seconds"]
+        except Exception as exc:
+            step.error = f"{type(exc).__name__}: {exc}"[:400]
+        self.record(step)
+
 
 def _job_seconds(stdout: str) -> float | None:
     """The prefetch job's own seconds from ``cachefs prefetch --json``'s last line."""
@@ -978,16 +1006,6 @@ def report(
 # --- command line ---------------------------------------------------------------------------
 
 
-def source_tree(text: str) -> Path:
-    tree = Path(text).resolve()
-    for folder in ("cachefs", "node"):
-        if not (tree / folder / "__init__.py").exists():
-            raise argparse.ArgumentTypeError(
-                f"{text}: not a cachefs source tree (no {folder}/__init__.py)"
-            )
-    return tree
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="CPU seconds per GiB of every process on every cachefs path, beside s5cmd."
@@ -1071,12 +1089,15 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         )
         for run in range(args.runs):
             order = codes if run % 2 == 0 else codes[::-1]  # alternate who goes first
-            if set(args.steps) - {"s5cmd"}:
+            if set(args.steps) - {"s5cmd", "sendfile"}:
                 for code, tree in order:
                     bench.run_code(run, code, tree)
             if "s5cmd" in args.steps:
                 print(f"run {run + 1}: s5cmd", flush=True)
                 bench.s5cmd(run)
+            if "sendfile" in args.steps:
+                print(f"run {run + 1}: sendfile alone", flush=True)
+                bench.sendfile_floor(run)
         load_end = os.getloadavg()
     trees = ", ".join(f"{code or 'nodes'}: {tree.name}" for code, tree in codes)
     method = (

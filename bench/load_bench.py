@@ -3,6 +3,7 @@
     python bench/load_bench.py [--size 2GiB] [--shards 4] [--runs 3] [--sections warm cold]
                                [--origins fast throttled] [--rate 50MB] [--delay 0.03]
                                [--out bench/out] [--tools ...] [--no-prefault] [--load-wait 900]
+                               [--compare OLD_TREE]
 
 A safetensors model of ``--size`` bytes (bf16 tensors shaped like a small Llama) in
 ``--shards`` shards with their ``model.safetensors.index.json`` is served by
@@ -22,6 +23,10 @@ are checked against the files' bytes (xxh3 per tensor) after the clock stops.
   against the origin on loopback (``fast``), once behind ``throttle.py``
   (``throttled``: ``--rate`` per connection, ``--delay`` to each first byte, as
   object storage serves).
+
+With ``--compare OLD_TREE`` every cachefs row runs twice in the same round robin: once
+with cachefs imported from that older source tree (the row marked ``(before)``) and
+once from this one, so a change's speed-up is measured in one run on one machine.
 
 See bench/README.md for the method and the columns.
 """
@@ -47,6 +52,7 @@ from pathlib import Path
 
 import xxhash
 from origins import Origin, pinned, read_through, serve_s3, warm_etags
+from source_tree import cachefs_argv, source_tree
 from throttle import parse_rate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -521,6 +527,8 @@ class Result:
     subject: bool
     baseline: bool
     target: float | None = None
+    tool: str = ""  # the Tool this row runs (its name; a "(before)" row's differs)
+    tree: Path | None = None  # the source tree cachefs is imported from (None: installed)
     seconds: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # CPU seconds of the loader's processes
     first_tensor: list[float] = field(default_factory=list)
@@ -718,6 +726,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-prefault", action="store_true")
     parser.add_argument("--load-wait", type=float, default=900, help="seconds to wait for quiet")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument(
+        "--compare",
+        type=source_tree,
+        help="an older cachefs source tree: every cachefs row also runs from it, '(before)'",
+    )
     args = parser.parse_args(argv)
     size = _parse_size(args.size)
     work = args.work or Path(tempfile.mkdtemp(prefix="cachefs-load-bench-"))
@@ -744,6 +757,18 @@ def _parse_size(text: str) -> int:
         "gb": 10**9,
     }
     return int(float(match.group(1)) * factor[unit])
+
+
+def rows_of(tool: Tool, compare: Path | None) -> list[Result]:
+    """The rows of one tool: with ``compare``, a cachefs tool's run from the older tree
+    first, then from this one (both through the same boot, so alike but for the code)."""
+
+    def row(name: str, tree: Path | None, target: float | None) -> Result:
+        return Result(name, tool.section, tool.subject, tool.baseline, target, tool.name, tree)
+
+    if compare is None or not tool.subject:
+        return [row(tool.name, None, tool.target)]
+    return [row(f"{tool.name} (before)", compare, None), row(tool.name, REPO, tool.target)]
 
 
 @dataclass
@@ -785,11 +810,7 @@ def _run(args: argparse.Namespace, size: int, work: Path) -> int:
         Group(
             section,
             origin,
-            {
-                t.name: Result(t.name, t.section, t.subject, t.baseline, t.target)
-                for t in chosen
-                if t.section == section
-            },
+            {r.name: r for t in chosen if t.section == section for r in rows_of(t, args.compare)},
         )
         for section, origins in (("warm", ["fast"]), ("cold", args.origins))
         for origin in origins
@@ -874,6 +895,7 @@ def _run(args: argparse.Namespace, size: int, work: Path) -> int:
                 ],
             },
             indent=2,
+            default=str,
         )
     )
     print("\n" + text)
@@ -919,15 +941,15 @@ def _run_group(
             stack.callback(node.wait, timeout=30)
             stack.callback(node.terminate)
             endpoint = f"unix://{socket}"
-    tools = [t for t in TOOLS if t.name in group.results]
+    tools = {t.name: t for t in TOOLS}
     run_env = {**env, "LOAD_BENCH_PREFAULT": str(prefault_bytes)}
     group.load.append(os.getloadavg()[0])
     print(f"{group.section}, {group.origin} origin: load average {group.load[0]:.2f}", flush=True)
     warm = group.section == "warm"
     for run in range(args.runs + warm):
         untimed = warm and run == 0  # first warm pass: caches, the node's checks
-        for tool in tools:
-            result = group.results[tool.name]
+        for result in group.results.values():
+            tool = tools[result.tool]
             if result.error:
                 continue
             scratch = work / "scratch"
@@ -938,6 +960,8 @@ def _run_group(
             if command is None:
                 result.error = "not available"
                 continue
+            if result.tree is not None:  # python -c SNIPPET ARGS, with cachefs from the tree
+                command = cachefs_argv(result.tree, "-c", *command[2:])
             if warm:
                 for path in [
                     *model_dir.glob("*.safetensors"),
@@ -960,7 +984,7 @@ def _run_group(
                 shutil.rmtree(scratch, ignore_errors=True)
             label = "untimed" if untimed else f"run {run + (not warm)}"
             print(
-                f"  {group.origin:9} {label:8} {tool.name:56} {doc['seconds']:.3f} s "
+                f"  {group.origin:9} {label:8} {result.name:56} {doc['seconds']:.3f} s "
                 f"{doc['bytes'] / 1e9 / doc['seconds']:.2f} GB/s, CPU {doc['cpu']:.2f} s, load "
                 f"{os.getloadavg()[0]:.2f}",
                 flush=True,

@@ -8,7 +8,7 @@ in memory (for blocks served without caching, and small reads).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Sink(Protocol):
@@ -17,6 +17,15 @@ class Sink(Protocol):
 
     def write(self, chunk: memoryview) -> None:
         """The next bytes of the range."""
+
+
+@runtime_checkable
+class HashingSink(Sink, Protocol):
+    """A sink that hashes what it is given anyway (the store's block writer): a peer
+    read checks the owner's checksum against its hash rather than hashing twice."""
+
+    def xxh3(self) -> int:
+        """The xxh3-64 of the bytes written since ``begin``."""
 
 
 class BufferSink:

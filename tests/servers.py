@@ -764,6 +764,7 @@ class RangeHTTPServer(_Recorder):
         self._resets: list[_Reset] = []
         self._drips: list[_Drip] = []
         self._connections: set[socket.socket] = set()
+        self.connections_opened = 0  # every connection a client opened, ever
         self._last_mtime = 0.0
         self._server: _OriginHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -806,6 +807,7 @@ class RangeHTTPServer(_Recorder):
         with self._lock:
             if add:
                 self._connections.add(conn)
+                self.connections_opened += 1
             else:
                 self._connections.discard(conn)
 

@@ -204,6 +204,17 @@ def test_the_rendered_config_is_one_the_node_accepts(chart, case: str, tmp_path)
         assert node[probe]["grpc"]["port"] == 7070  # the health service needs no token
 
 
+def test_by_default_the_nodes_adapt_their_origin_limits(chart, tmp_path) -> None:
+    """A fixed ``concurrency`` turns adaptation off, so the defaults must not set one;
+    a user who sets it gets the fixed number."""
+    for values, adaptive in (({}, True), ({"config": {"concurrency": 8}}, False)):
+        path = tmp_path / "config.yaml"
+        path.write_text(one(render(chart, values), "ConfigMap")["data"]["config.yaml"])
+        config = load_config(path, environ={})
+        assert config.origin_limit.adaptive is adaptive
+        assert config.concurrency == (16 if adaptive else 8)
+
+
 def test_the_csidriver_is_an_ephemeral_node_only_driver(chart) -> None:
     driver = one(render(chart), "CSIDriver")
     assert driver["metadata"]["name"] == DRIVER

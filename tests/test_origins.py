@@ -14,6 +14,8 @@ from servers import RangeHTTPServer, S3Bucket, wait_for
 from cachefs.errors import OriginUnavailableError
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
+from cachefs.node.origins.ranged_http import RangedHTTPClient
+from cachefs.node.sinks import BufferSink
 
 KIB = 1024
 BLOCK = 64 * KIB
@@ -382,3 +384,17 @@ def test_an_etag_has_one_spelling_whether_head_or_a_listing_gave_it() -> None:
     assert quoted_etag('W/"weak"') == 'W/"weak"'
     assert quoted_etag(' "x" ') == '"x"'
     assert quoted_etag("") is None and quoted_etag(None) is None
+
+
+def test_an_error_answer_keeps_its_connection(http_origin: RangeHTTPServer) -> None:
+    """An error answer read to its end leaves the connection usable: a peer's "not
+    cached here" or an origin's 404 costs no new connection (nor TLS handshake)."""
+    http_origin.put("/m/a.bin", DATA)
+    client = RangedHTTPClient()
+    for _ in range(3):
+        with pytest.raises(FileNotFoundError):
+            client.get_range(http_origin.url("/m/missing.bin"), 0, 10, BufferSink(10), "missing")
+        sink = BufferSink(10)
+        client.get_range(http_origin.url("/m/a.bin"), 5, 15, sink, "a.bin")
+        assert sink.buffer == DATA[5:15]
+    assert http_origin.connections_opened == 1

@@ -31,7 +31,7 @@ from cachefs.node.cluster.membership import Membership
 from cachefs.node.layout import ObjectHeader
 from cachefs.node.origins import ObjectRef
 from cachefs.node.origins.ranged_http import RangedHTTPClient
-from cachefs.node.sinks import Sink
+from cachefs.node.sinks import HashingSink, Sink
 from cachefs.node.stats import LatencyHistogram
 from cachefs.rpc_errors import ERROR_KEY, rebuild
 
@@ -78,6 +78,9 @@ class _Checked:
     def write(self, chunk: memoryview) -> None:
         self.hasher.update(chunk)
         self.sink.write(chunk)
+
+    def xxh3(self) -> int:
+        return self.hasher.intdigest()
 
 
 @dataclass
@@ -243,7 +246,7 @@ class Peers:
             fill=not cached_only,
             forwarded=not cached_only,
         )
-        checked = _Checked(sink)
+        checked = sink if isinstance(sink, HashingSink) else _Checked(sink)
         label = f"block {index} of {ref.canonical} from peer {peer}"
         try:
             answer = self._http.get_range(
@@ -266,7 +269,7 @@ class Peers:
             expected = int(announced, 16)
         except ValueError:
             raise PeerDataError(f"announced no checksum ({announced[:20]!r})") from None
-        if checked.hasher.intdigest() != expected:
+        if checked.xxh3() != expected:
             raise PeerDataError("sent bytes whose checksum does not match; discarded")
         return True
 

@@ -105,6 +105,10 @@ class BlockWriter:
             self._memory += chunk
         self._offset += len(chunk)
 
+    def xxh3(self) -> int:
+        """The xxh3-64 of the block's bytes written so far (``HashingSink``)."""
+        return self._hasher.intdigest()
+
     def _write_to_file(self, chunk: memoryview) -> None:
         done = 0
         health = self._obj.tier.health
