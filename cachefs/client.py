@@ -44,7 +44,15 @@ from cachefs.errors import IntegrityError, NodeUnavailableError
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import cachefs_pb2_grpc as pb_grpc
 from cachefs.rpc_errors import ERROR_KEY, from_rpc_error, rebuild
-from cachefs.types import CachedEntry, EvictResult, JobStatus, NodeStatus, ObjectInfo, ViewInfo
+from cachefs.types import (
+    CachedEntry,
+    EvictResult,
+    JobStatus,
+    ModelInfo,
+    NodeStatus,
+    ObjectInfo,
+    ViewInfo,
+)
 
 log = logging.getLogger("cachefs.client")
 
@@ -56,7 +64,7 @@ DEFAULT_RECONNECT_GRACE = 60.0
 # Calls that do the same when sent twice, so a call the node may or may not have
 # seen before it went away can be sent again; a Prefetch (a new job) cannot.
 # (List, a stream, is asked again whole by _listing.)
-_IDEMPOTENT = frozenset({"Stat", "Status", "View", "Unpin", "Evict", "Cancel"})
+_IDEMPOTENT = frozenset({"Stat", "Status", "View", "Unpin", "Evict", "Cancel", "Model"})
 _RETRY_FIRST_DELAY = 0.1
 _RETRY_MAX_DELAY = 1.0
 # Streams get longer: the base deadline plus the time to move the bytes at this rate.
@@ -610,11 +618,30 @@ class NodeClient:
     def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
         return self._call("Unpin", pb.UnpinRequest(holder=holder, sources=list(sources))).objects
 
-    def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> ViewInfo:
-        """Build (or find) ``holder``'s view of ``sources`` on the node (its path there)."""
-        request = pb.ViewRequest(holder=holder, sources=list(sources), tier=tier or "")
+    def view(
+        self,
+        holder: str,
+        sources: Sequence[str],
+        tier: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
+    ) -> ViewInfo:
+        """Build (or find) ``holder``'s view of ``sources`` on the node (its path there);
+        with ``model``, of that CachedModel's ``version`` on the node."""
+        request = pb.ViewRequest(
+            holder=holder,
+            sources=list(sources),
+            tier=tier or "",
+            model=model or "",
+            version=version or "",
+        )
         reply = self._call("View", request, timeout=_DAY)
         return ViewInfo(reply.path, reply.objects, reply.bytes)
+
+    def model(self, namespace: str, name: str) -> ModelInfo:
+        """A CachedModel as the node holds it."""
+        request = pb.ModelRequest(namespace=namespace, name=name)
+        return messages.model_info(self._call("Model", request))
 
     def status(self) -> NodeStatus:
         return messages.node_status(self._call("Status", pb.StatusRequest()))

@@ -16,6 +16,7 @@ from cachefs.types import (
     JOB_STATES,
     CachedEntry,
     JobStatus,
+    ModelInfo,
     NodeStatus,
     ObjectInfo,
     TierStatus,
@@ -99,3 +100,11 @@ def object_message(info: ObjectInfo, block_size: int) -> pb.ObjectInfo:
 
 def object_info(message: pb.ObjectInfo, handle: Any) -> ObjectInfo:
     return _from_message(message, ObjectInfo, handle=handle)
+
+
+def model_message(info: ModelInfo) -> pb.ModelInfo:
+    return _to_message(info, pb.ModelInfo)
+
+
+def model_info(message: pb.ModelInfo) -> ModelInfo:
+    return _from_message(message, ModelInfo)

@@ -100,6 +100,24 @@ class ViewInfo:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """A CachedModel as one node holds it: what a volume that names it mounts."""
+
+    namespace: str
+    name: str
+    # The source of the version ready here (else of the spec): what a pod must be
+    # allowed to view to mount the model.
+    source: str
+    version: str  # the version ready on this node, the one a new volume gets ("": none)
+    phase: str  # this node's: Pending, Filling, Ready, Failed, NotSelected, Deleting
+    target: str = ""  # the version status.resolved names (what this node fills or holds)
+    bytes_done: int = 0  # of the target, on this node
+    bytes_total: int = 0
+    error: str = ""  # why it failed or is not selected here, what to do
+    tier: str | None = None  # spec.tier
+
+
+@dataclass(frozen=True)
 class TierStatus:
     """One tier's space: bytes used, reserved for fills in flight, pinned."""
 
@@ -191,8 +209,20 @@ class CacheClient(Protocol):
     def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
         """Release ``holder``'s pins (all, and its view, when no source is named)."""
 
-    def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> ViewInfo:
-        """Pin and complete ``sources`` for ``holder``; its view of them."""
+    def view(
+        self,
+        holder: str,
+        sources: Sequence[str],
+        tier: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
+    ) -> ViewInfo:
+        """Pin and complete ``sources`` for ``holder``; its view of them. With
+        ``model`` (``namespace/name`` of a CachedModel) the view is exactly that
+        model's ``version`` as this node filled it, and ``sources`` its one source."""
+
+    def model(self, namespace: str, name: str) -> ModelInfo:
+        """A CachedModel as this node holds it (FileNotFoundError: no such model)."""
 
     def status(self) -> NodeStatus: ...
 

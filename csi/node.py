@@ -10,6 +10,13 @@ answers ABORTED with the progress when the model is not local yet: kubelet calls
 again and the prefetch goes on meanwhile. Once complete, the node builds the view
 and the plugin bind-mounts it read-only, nosuid, nodev. Both calls are idempotent;
 a failed publish leaves no mount, no record and no pin behind.
+
+A volume may name a CachedModel of the pod's namespace (``cachedModel``) instead of a
+source: the plugin asks the node for the model, checks that the pod may ``view`` its
+source, waits (up to ``publish_timeout``, then ABORTED with the progress) until a
+version of it is ready on this node, and mounts a view of exactly that version's
+manifest as the node filled it, pinned by the volume. A later version leaves the
+volume on its files; volumes published after it is ready here get it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,13 +39,15 @@ from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from cachefs.csi.volumes import PublishedVolume, VolumeRecords
 from cachefs.errors import NodeUnavailableError, QuotaExceededError, VersionChangedError
 from cachefs.node.callers import Caller
+from cachefs.node.models.spec import check_name
 from cachefs.node.policy import Policy
 from cachefs.units import format_size
 
 log = logging.getLogger("cachefs.csi")
 
 POD_INFO_PREFIX = "csi.storage.k8s.io/"
-VOLUME_ATTRIBUTES = {"source", "tier"}
+VOLUME_ATTRIBUTES = {"source", "tier", "cachedModel"}
+MODEL_POLL = 0.5  # seconds between asks while a model is not ready on this node
 
 
 class CsiError(Exception):
@@ -121,33 +131,25 @@ class NodeService(csi_grpc.NodeServicer):
             raise CsiError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown volumeAttributes {', '.join(sorted(unknown))}: cachefs volumes take "
-                "source (a URL or a prefix ending in /) and optionally tier",
+                "source (a URL or a prefix ending in /) and optionally tier, or cachedModel",
             )
         namespace = attributes.get(POD_INFO_PREFIX + "pod.namespace")
         pod = attributes.get(POD_INFO_PREFIX + "pod.name")
         account = attributes.get(POD_INFO_PREFIX + "serviceAccount.name")
-        raw_source = attributes.get("source", "")
-        if not raw_source:
-            raise CsiError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "volumeAttributes.source is missing: name a URL or a prefix ending in /",
-            )
         caller = Caller("pod", namespace=namespace or "", service_account=account or "")
-        try:
-            source = self.policy.require(caller, "view", raw_source)
-        except ValueError as exc:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        except PermissionError as exc:
-            raise CsiError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from exc
+        model = _model_of(attributes, namespace)
         tier = attributes.get("tier") or None
+        source = None if model else self._allowed(caller, attributes.get("source", ""))
+        wanted = f"CachedModel {model}" if model else f"source {source}"
 
         existing = self.records.get(volume_id)
         if existing is not None:
-            if existing.target_path != str(target) or existing.source != source:
+            had = f"CachedModel {existing.model}" if existing.model else f"source {existing.source}"
+            if existing.target_path != str(target) or had != wanted:
                 raise CsiError(
                     grpc.StatusCode.ALREADY_EXISTS,
-                    f"volume {volume_id} is published at {existing.target_path} with source "
-                    f"{existing.source}; this call asks for {target} with {source}",
+                    f"volume {volume_id} is published at {existing.target_path} with {had}; "
+                    f"this call asks for {target} with {wanted}",
                 )
             if mounts.shows(target, Path(existing.view)):
                 return csi.NodePublishVolumeResponse()  # the same call again: done
@@ -159,9 +161,15 @@ class NodeService(csi_grpc.NodeServicer):
 
         holder = holder_of(volume_id)
         client = self._client()
+        version = None
         try:
-            self._prefetch(client, volume_id, source, holder, tier)
-            view = Path(client.view(holder, [source], tier).path)
+            if model:
+                source, version = self._ready_model(client, caller, model)
+                view = Path(self._model_view(client, volume_id, holder, model, source, version))
+            else:
+                assert source is not None
+                self._prefetch(client, volume_id, source, holder, tier)
+                view = Path(client.view(holder, [source], tier).path)
         except CsiError:
             raise
         except (FileNotFoundError, IsADirectoryError) as exc:
@@ -180,7 +188,9 @@ class NodeService(csi_grpc.NodeServicer):
             self._jobs.pop(volume_id, None)
             raise CsiError(grpc.StatusCode.ABORTED, str(exc)) from exc
 
-        record = PublishedVolume(volume_id, str(target), source, holder, str(view), namespace, pod)
+        record = PublishedVolume(
+            volume_id, str(target), source, holder, str(view), namespace, pod, model, version
+        )
         self.records.put(record)  # first: a crash after mounting leaves a record to check
         created = False
         try:
@@ -197,8 +207,63 @@ class NodeService(csi_grpc.NodeServicer):
                 grpc.StatusCode.INTERNAL, f"cannot mount the view at {target}: {exc.strerror}"
             ) from exc
         self._jobs.pop(volume_id, None)
-        log.info("published %s at %s (%s)", source, target, volume_id)
+        log.info("published %s at %s (%s)", wanted, target, volume_id)
         return csi.NodePublishVolumeResponse()
+
+    def _allowed(self, caller: Caller, source: str) -> str:
+        """``source`` in its normal form, if the pod may ``view`` it."""
+        if not source:
+            raise CsiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "volumeAttributes.source is missing: name a URL or a prefix ending in /, "
+                "or a CachedModel of the pod's namespace with cachedModel",
+            )
+        try:
+            return self.policy.require(caller, "view", source)
+        except ValueError as exc:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        except PermissionError as exc:
+            raise CsiError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from exc
+
+    def _ready_model(self, client: Any, caller: Caller, model: str) -> tuple[str, str]:
+        """(source, version) of the model's version ready on this node, once the pod
+        may view its source; ABORTED with the progress while none is."""
+        namespace, _, name = model.partition("/")
+        deadline = time.monotonic() + self.publish_timeout
+        while True:
+            try:
+                info = client.model(namespace, name)
+            except BlockingIOError as exc:  # the node has not listed the models yet
+                info, waiting = None, str(exc)
+            except ValueError as exc:  # the node does not reconcile models, a bad spec
+                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+            if info is not None:
+                source = self._allowed(caller, info.source)
+                if info.phase in ("NotSelected", "Deleting"):
+                    raise CsiError(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"CachedModel {model}: {info.error}"
+                    )
+                if info.version:
+                    return source, info.version
+                waiting = _model_progress(info)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CsiError(
+                    grpc.StatusCode.ABORTED,
+                    f"CachedModel {model} is not ready on this node yet: {waiting}; the "
+                    "volume is published once it is",
+                )
+            threading.Event().wait(min(MODEL_POLL, left))
+
+    def _model_view(
+        self, client: Any, volume_id: str, holder: str, model: str, source: str, version: str
+    ) -> str:
+        """The view of exactly that version of the model, pinned by the volume."""
+        try:
+            return str(client.view(holder, [source], model=model, version=version).path)
+        except FileNotFoundError as exc:  # a newer version became the one served meanwhile
+            self._release(client, volume_id, holder)
+            raise CsiError(grpc.StatusCode.ABORTED, str(exc)) from exc
 
     def _prefetch(
         self, client: Any, volume_id: str, source: str, holder: str, tier: str | None
@@ -269,6 +334,39 @@ class NodeService(csi_grpc.NodeServicer):
                 log.warning("the node is unavailable: %s keeps its pin for now", record.holder)
                 continue
             self.records.delete(record.volume_id)
+
+
+def _model_of(attributes: dict[str, str], namespace: str | None) -> str | None:
+    """``<namespace>/<name>`` of the CachedModel a volume names, checked; None if none."""
+    if "cachedModel" not in attributes:
+        return None
+    if "source" in attributes or "tier" in attributes:
+        raise CsiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "a volume names either cachedModel or a source (and tier), not both: the "
+            "CachedModel's spec gives the source and the tier",
+        )
+    if not namespace:
+        raise CsiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"cachedModel needs the pod's namespace ({POD_INFO_PREFIX}pod.namespace), which "
+            "kubelet passes only when the CSIDriver has podInfoOnMount: true",
+        )
+    try:
+        namespace, name = check_name(namespace, attributes["cachedModel"])
+    except ValueError as exc:
+        raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+    return f"{namespace}/{name}"
+
+
+def _model_progress(info: Any) -> str:
+    """Where a model stands on this node, for an ABORTED answer."""
+    text = info.phase
+    if info.bytes_total:
+        text += f", {format_size(info.bytes_done)} of {format_size(info.bytes_total)}"
+    if info.target:
+        text += f" (version {info.target})"
+    return text + (f"; last error: {info.error}" if info.error else "")
 
 
 def _target(path: str) -> Path:

@@ -26,6 +26,8 @@ class PublishedVolume:
     view: str  # the node's view directory, bind-mounted at target_path
     namespace: str | None = None
     pod: str | None = None
+    model: str | None = None  # "<namespace>/<name>" of the CachedModel the volume names
+    version: str | None = None  # the model's version it mounts
 
 
 class VolumeRecords:

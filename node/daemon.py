@@ -205,6 +205,7 @@ class Node:
             self.labels.start()
         if self.config.models.enabled:
             self._models = _model_controller(self.config, self.service)
+            self.service.models = self._models  # what volumes that name a model get
             self._models.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -232,6 +233,8 @@ class Node:
         self._stopped.set()
         grace = self.config.server.shutdown_grace if grace is None else grace
         self.health.enter_graceful_shutdown()
+        if self._models is not None:  # first: its fills end as cancelled, not failed
+            self._models.stop()
         self.service.jobs.shutdown()
         # The node that replaces this one may take the directories now; this one only
         # finishes the calls in flight.
@@ -242,8 +245,6 @@ class Node:
             self.membership.stop()
         if self.labels is not None:
             self.labels.stop()
-        if self._models is not None:
-            self._models.stop()
         if self._serving:  # a node that never started has nothing to drain: its error says
             log.info("draining: new calls are refused, %d s for calls in flight", grace)
         if self._local_socket is not None:
@@ -321,15 +322,19 @@ def _model_controller(config: Config, service: CacheService) -> ModelController:
     from cachefs.node.models.api import ModelsApi
     from cachefs.node.models.controller import ModelController
     from cachefs.node.models.lease import LeaseElection
+    from cachefs.node.models.presence import Presence, heartbeat_seconds
 
     node_name = os.environ.get("NODE_NAME") or service.node_id
-    cluster = config.cluster
+    cluster, models = config.cluster, config.models
     api = ModelsApi(api_client(cluster.kubernetes_api_url, cluster.kubeconfig))
-    namespace = config.models.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
-    election = LeaseElection(api, namespace, config.models.lease_name, node_name)
+    namespace = models.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+    election = LeaseElection(api, namespace, models.lease_name, node_name)
+    presence = Presence(
+        api, namespace, models.lease_name, node_name, heartbeat_seconds(models.resync)
+    )
     labels = NodeLabels(node_name, cluster.kubernetes_api_url, cluster.kubeconfig)
     return ModelController(
-        service, api, node_name, labels.get, election, resync=config.models.resync
+        service, api, node_name, labels.get, election, presence, resync=models.resync
     )
 
 

@@ -20,7 +20,15 @@ from cachefs.node.callers import IN_PROCESS
 from cachefs.node.config import load_config
 from cachefs.node.engine import Engine
 from cachefs.node.service import CacheService
-from cachefs.types import CachedEntry, EvictResult, JobStatus, NodeStatus, ObjectInfo, ViewInfo
+from cachefs.types import (
+    CachedEntry,
+    EvictResult,
+    JobStatus,
+    ModelInfo,
+    NodeStatus,
+    ObjectInfo,
+    ViewInfo,
+)
 
 _services: dict[tuple[int, str], CacheService] = {}
 _lock = threading.Lock()
@@ -111,8 +119,18 @@ class EmbeddedClient:
     def unpin(self, holder: str, sources: Sequence[str] = ()) -> int:
         return self.service.unpin(IN_PROCESS, holder, sources)
 
-    def view(self, holder: str, sources: Sequence[str], tier: str | None = None) -> ViewInfo:
-        return self.service.view(IN_PROCESS, holder, sources, tier)
+    def view(
+        self,
+        holder: str,
+        sources: Sequence[str],
+        tier: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
+    ) -> ViewInfo:
+        return self.service.view(IN_PROCESS, holder, sources, tier, model, version)
+
+    def model(self, namespace: str, name: str) -> ModelInfo:
+        return self.service.model(IN_PROCESS, namespace, name)
 
     def status(self) -> NodeStatus:
         return self.service.status(IN_PROCESS)

@@ -214,15 +214,17 @@ class Engine:
 
     # -- metadata ----------------------------------------------------------------
 
-    def stat(self, url: str) -> ObjectRef:
-        """The object's current version, from cache until ``revalidate_after`` passes."""
+    def stat(self, url: str, fresh: bool = False) -> ObjectRef:
+        """The object's current version, from cache until ``revalidate_after`` passes;
+        ``fresh``: from the origin now (the cached one may be older than a version
+        another node saw)."""
         parsed = parse_url(url)
         now = time.monotonic()
         with self._refs_lock:
             cached = self._stat_cache.get(parsed.canonical)
             if cached is not None:
                 self._stat_cache.move_to_end(parsed.canonical)
-        if cached is not None and now - cached[0] < self.config.revalidate_after:
+        if cached is not None and not fresh and now - cached[0] < self.config.revalidate_after:
             # Same object, but fetch with this caller's URL (its own presigned query).
             ref = dataclasses.replace(cached[1], url=parsed)
         else:

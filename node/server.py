@@ -44,7 +44,7 @@ MIN_CHUNK = 64 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
 LIST_BATCH = 1000  # entries per List message: about 150 KB, far below the 4 MiB limit
 # Calls logged at debug level: readers make many of them.
-_FREQUENT = {"Stat", "List", "Read", "Status", "WatchJob", "FetchBlock"}
+_FREQUENT = {"Stat", "List", "Read", "Status", "WatchJob", "FetchBlock", "Model"}
 
 
 def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -249,8 +249,23 @@ class CacheServicer(pb_grpc.CacheServicer):
     def View(
         self, request: pb.ViewRequest, context: grpc.ServicerContext, call: _Call
     ) -> pb.ViewResponse:
-        view = self.service.view(call.caller, request.holder, request.sources, request.tier or None)
+        view = self.service.view(
+            call.caller,
+            request.holder,
+            request.sources,
+            request.tier or None,
+            request.model or None,
+            request.version or None,
+        )
         return pb.ViewResponse(path=view.path, objects=view.objects, bytes=view.bytes)
+
+    @_rpc
+    def Model(
+        self, request: pb.ModelRequest, context: grpc.ServicerContext, call: _Call
+    ) -> pb.ModelInfo:
+        return messages.model_message(
+            self.service.model(call.caller, request.namespace, request.name)
+        )
 
     @_rpc
     def Evict(

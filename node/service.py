@@ -18,12 +18,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cachefs.errors import QuotaExceededError, VersionChangedError
 from cachefs.node.callers import Caller
 from cachefs.node.engine import Engine, Manifest, PeerBlock
 from cachefs.node.jobs import Job, JobRegistry
+from cachefs.node.models.spec import check_name
 from cachefs.node.origins import ObjectRef
 from cachefs.node.store import CachedObject
 from cachefs.node.views import Views
@@ -31,6 +32,7 @@ from cachefs.types import (
     CachedEntry,
     EvictResult,
     JobStatus,
+    ModelInfo,
     NodeStatus,
     ObjectInfo,
     ViewInfo,
@@ -41,6 +43,17 @@ log = logging.getLogger("cachefs.node")
 
 if TYPE_CHECKING:
     from cachefs.node.cluster.peers import Peers
+
+
+class ModelRegistry(Protocol):
+    """The CachedModels a node reconciles (``node/models``): what a volume may name."""
+
+    def model(self, namespace: str, name: str) -> ModelInfo:
+        """The model as this node holds it; FileNotFoundError if there is none."""
+
+    def manifest(self, namespace: str, name: str, version: str) -> tuple[Manifest, str | None]:
+        """The manifest of ``version`` as this node filled it, and the model's tier;
+        VersionChangedError when that is not the version a new volume gets now."""
 
 
 class CacheService:
@@ -55,6 +68,7 @@ class CacheService:
         self.peers = peers
         self.jobs = JobRegistry()
         self.views = Views(engine)
+        self.models: ModelRegistry | None = None  # a node that reconciles CachedModels
         self.started = time.monotonic()
 
     # -- objects -----------------------------------------------------------------
@@ -199,16 +213,71 @@ class CacheService:
     # -- views -------------------------------------------------------------------
 
     def view(
-        self, caller: Caller, holder: str, sources: Sequence[str], tier: str | None = None
+        self,
+        caller: Caller,
+        holder: str,
+        sources: Sequence[str],
+        tier: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
     ) -> ViewInfo:
-        """Pin and complete ``sources`` for ``holder``; its view (built once)."""
+        """Pin and complete ``sources`` for ``holder``; its view (built once). With
+        ``model`` (``namespace/name``), exactly that CachedModel's ``version`` as this
+        node filled it: ``sources`` must be its one source (what the caller checked)."""
         if not holder:
             raise ValueError("name the view's holder")
         holder = self.policy.holder(caller, holder)
+        if model:
+            return self._model_view(caller, holder, sources, tier, model, version or "")
         for source in _checked(sources):
             self.policy.require(caller, "view", source)
         view = self.views.build(holder, list(sources), tier)
         return ViewInfo(str(view.path), view.objects, view.bytes)
+
+    def _model_view(
+        self,
+        caller: Caller,
+        holder: str,
+        sources: Sequence[str],
+        tier: str | None,
+        model: str,
+        version: str,
+    ) -> ViewInfo:
+        namespace, _, name = model.partition("/")
+        namespace, name = check_name(namespace, name)
+        if not version:
+            raise ValueError(f"name the version of CachedModel {model} to view")
+        if tier:
+            raise ValueError(
+                f"CachedModel {model} lies in the tier its spec.tier names: name no tier"
+            )
+        manifest, model_tier = self._registry().manifest(namespace, name, version)
+        if [canonical_source(s) for s in _checked(sources)] != list(manifest.sources):
+            raise ValueError(
+                f"version {version} of CachedModel {model} is of {', '.join(manifest.sources)}"
+                f", not {', '.join(sources)}: name the source the model's info gives"
+            )
+        self.policy.require(caller, "view", manifest.sources[0])
+        view = self.views.build(holder, manifest.sources, model_tier, manifest=manifest)
+        return ViewInfo(str(view.path), view.objects, view.bytes)
+
+    # -- models ------------------------------------------------------------------
+
+    def model(self, caller: Caller, namespace: str, name: str) -> ModelInfo:
+        """The CachedModel ``namespace/name`` as this node holds it (a caller sees the
+        models whose source it may read)."""
+        namespace, name = check_name(namespace, name)
+        info = self._registry().model(namespace, name)
+        self.policy.require(caller, "read", info.source)
+        return info
+
+    def _registry(self) -> ModelRegistry:
+        if self.models is None:
+            raise ValueError(
+                "this cache does not reconcile CachedModels (a cachefs node with "
+                "models.enabled and a Kubernetes API does): name the model's source instead"
+            )
+        return self.models
 
     # -- prefetch ----------------------------------------------------------------
 
@@ -281,7 +350,8 @@ class CacheService:
         """A manifest a peer states, checked before any byte moves.
 
         Each entry must be its origin's current version and size as this node sees it
-        (one stat: it also fills the stat cache the fills use). S3 and HTTP entries
+        (one stat: it also fills the stat cache the fills use; the origin is asked
+        again when a cached stat disagrees). S3 and HTTP entries
         must carry an ETag that is their version, so every fill is a GET with
         ``If-Match`` on it: bytes of another version are never stored under this one.
         """
@@ -295,6 +365,10 @@ class CacheService:
                     "resolve the source on this node instead"
                 )
             current = self.engine.stat(ref.url.fetch_url)
+            if (current.version, current.size) != (ref.version, ref.size):
+                # This node's stat may be older than the manifest (a new version that
+                # another node resolved): ask the origin itself before refusing.
+                current = self.engine.stat(ref.url.fetch_url, fresh=True)
             if (current.version, current.size) != (ref.version, ref.size):
                 raise VersionChangedError(
                     ref.canonical,

@@ -85,10 +85,17 @@ class Views:
         self._engine = engine
         self._lock = threading.Lock()
 
-    def build(self, holder: str, sources: Sequence[str], tier: str | None = None) -> View:
-        """Pin and complete ``sources`` for ``holder``, and return its view (built once)."""
+    def build(
+        self,
+        holder: str,
+        sources: Sequence[str],
+        tier: str | None = None,
+        manifest: Manifest | None = None,
+    ) -> View:
+        """Pin and complete ``sources`` for ``holder``, and return its view (built once).
+        ``manifest``: exactly these versions (a CachedModel's), not a fresh resolve."""
         engine = self._engine
-        manifest = engine.resolve(sources)
+        manifest = manifest or engine.resolve(sources)
         engine.prefetch_manifest(manifest, pin=holder, tier=tier)
         names = names_in_view(manifest)
         objects = []

@@ -90,6 +90,7 @@ import copy
 import http.server
 import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -149,6 +150,13 @@ def endpoint_slice(
     }
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (a node killed mid-watch) is no error of the API."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class KubeApiServer:
     """``with KubeApiServer("ns") as api``: ``api.url`` is the API server's address;
     ``namespace`` is where ``put`` and ``create`` write objects that name none."""
@@ -181,7 +189,7 @@ class KubeApiServer:
         self.tokens: dict[str, tuple[str, str, tuple[str, ...]]] = {}
         self.reviews = 0  # TokenReviews answered
         handler = type("Handler", (_Handler,), {"api": self})
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _Server(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(

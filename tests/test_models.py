@@ -10,6 +10,7 @@ aggregate. The S3 origin (moto) counts every GET.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from servers import wait_for
 
 from cachefs.client import NodeClient
+from cachefs.node.labels import label_key
 from cachefs.node.models.spec import FINALIZER, GROUP, PLURAL, VERSION
 
 BLOCK = 64 * 1024
@@ -32,37 +34,47 @@ NODES = {"node-a": {"pool": "gpu"}, "node-b": {"pool": "gpu"}, "node-c": {"pool"
 
 
 @pytest.fixture
-def cluster(start_node, tmp_path: Path, s3, monkeypatch) -> Iterator[dict[str, Any]]:
+def cluster(request, start_node, tmp_path: Path, s3, monkeypatch) -> Iterator[dict[str, Any]]:
+    """The nodes of NODES, all started but those a test names as its parameter
+    (``cluster["start"](name)`` starts one later); every one a static member."""
     monkeypatch.setenv("CACHEFS_TOKEN", TOKEN)
     crd = yaml.safe_load(
         (REPO_ROOT / "charts/cachefs/crds/cachedmodels.cachefs.io.yaml").read_text()
     )
     with KubeApiServer("cachefs", crds=[crd]) as api:  # every write checked by the CRD
         api.nodes.update({name: dict(labels) for name, labels in NODES.items()})
-        addresses = loopback_addresses(len(NODES))
-        nodes = {}
-        for (name, _labels), address in zip(NODES.items(), addresses, strict=True):
+        addresses = dict(zip(NODES, loopback_addresses(len(NODES)), strict=True))
+        nodes: dict[str, NodeProcess] = {}
+
+        def start(name: str) -> NodeProcess:
             config = tmp_path / f"{name}.yaml"
             config.write_text(
                 yaml.safe_dump(
                     {
                         "cache_dir": str(tmp_path / name),
                         "block_size": BLOCK,
+                        "revalidate_after": 1,  # Latest models see a change soon
                         "cluster": {
                             "membership": "static",
-                            "peers": addresses,
+                            "peers": list(addresses.values()),
                             "kubernetes_api_url": api.url,
+                            "label_node": True,
                         },
                         "models": {"enabled": True, "resync": 0.5},
                     }
                 )
             )
             env = {**s3.env(), "NODE_NAME": name, "POD_NAMESPACE": "cachefs"}
-            nodes[name] = start_node(tmp_path / name, config=config, tcp=address, env=env)
+            nodes[name] = start_node(tmp_path / name, config=config, tcp=addresses[name], env=env)
+            return nodes[name]
+
+        for name in NODES:
+            if name not in getattr(request, "param", ()):
+                start(name)
         configuration = client.Configuration()
         configuration.host = api.url
         objects = client.CustomObjectsApi(client.ApiClient(configuration))
-        yield {"api": api, "nodes": nodes, "objects": objects}
+        yield {"api": api, "nodes": nodes, "objects": objects, "start": start}
 
 
 def _model(name: str, source: str, **spec: Any) -> dict[str, Any]:
@@ -103,6 +115,20 @@ def _ready(cluster: dict[str, Any], name: str, version: str | None = None) -> di
         return obj
 
     return wait_for(check, timeout=90, message=f"model {name} to be Ready")
+
+
+def _leader(cluster: dict[str, Any]) -> str:
+    """The node that holds the models' Lease (it writes the aggregate)."""
+    lease = wait_for(
+        lambda: cluster["api"].get("cachefs", "cachefs-models", plural="leases"),
+        timeout=30,
+        message="a model leader",
+    )
+    return str(lease["spec"]["holderIdentity"])
+
+
+def _entries(obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in ((obj or {}).get("status") or {}).get("nodes") or ()}
 
 
 def _pins(node: NodeProcess) -> dict[str, int]:
@@ -194,3 +220,87 @@ def test_deleting_a_model_releases_its_pins_everywhere_then_it_goes(cluster, s3)
     # The bytes stay cached until eviction needs the room.
     listed = NodeClient(cluster["nodes"]["node-a"].unix_endpoint, token="", tls_ca="").cached()
     assert [e.url for e in listed] == [s3.url("gone/a.bin")]
+
+
+def test_a_node_that_leaves_drops_out_of_the_status(cluster, s3) -> None:
+    s3.put("opt/model.bin", os.urandom(2 * BLOCK))
+    cluster["objects"].create_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, PLURAL, _model("opt", s3.url("opt/"))
+    )
+    assert _ready(cluster, "opt")["status"]["ready"] == "2/2"
+    leader = _leader(cluster)
+    crashed, stopping = sorted(("node-a", "node-b"), key=lambda name: name == leader)
+
+    # A crash says nothing: its heartbeat stops, and the leader removes its entry.
+    cluster["nodes"][crashed].kill()
+
+    def without_crashed() -> dict[str, Any] | None:
+        obj = _get(cluster, "opt")
+        status = (obj or {}).get("status") or {}
+        if crashed in _entries(obj) or status.get("ready") != "1/1":
+            return None
+        return obj
+
+    obj = wait_for(without_crashed, timeout=60, message=f"{crashed}'s entry to go")
+    assert list(_entries(obj)) == [stopping]
+    assert (obj["status"]["readyNodes"], obj["status"]["desiredNodes"]) == (1, 1)
+    assert _condition(obj, "Ready")["status"] == "True"
+
+    # A clean stop removes its own entries on the way out (and hands the lease on).
+    cluster["nodes"][stopping].signal(signal.SIGTERM)
+    assert cluster["nodes"][stopping].wait_exit() == 0
+    assert _entries(_get(cluster, "opt")) == {}
+
+    def no_nodes() -> dict[str, Any] | None:
+        obj = _get(cluster, "opt")
+        ready = _condition(obj, "Ready")
+        return obj if ready.get("reason") == "NoNodes" else None
+
+    obj = wait_for(no_nodes, timeout=60, message="the aggregate to count no node")
+    assert (obj["status"]["readyNodes"], obj["status"]["desiredNodes"]) == (0, 0)
+    assert _condition(obj, "Ready")["status"] == "False"
+    assert _leader(cluster) == "node-c"
+
+
+@pytest.mark.parametrize("cluster", [("node-c",)], ids=["node-c-later"], indirect=True)
+def test_a_node_that_joins_fills_from_its_peers_and_is_labelled(cluster, s3) -> None:
+    files = {f"mistral/shard-{i}.bin": os.urandom(4 * BLOCK + i) for i in range(2)}
+    for key, data in files.items():
+        s3.put(key, data)
+    source = s3.url("mistral/")
+    cluster["objects"].create_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, PLURAL, _model("mistral", source)
+    )
+    version = _ready(cluster, "mistral")["status"]["resolved"]["version"]
+    gets = {key: len(s3.gets(key)) for key in files}
+    key = label_key(source)
+    labelled = wait_for(
+        lambda: (
+            {n for n, labels in cluster["api"].nodes.items() if labels.get(key) == "ready"}
+            == {"node-a", "node-b"}
+        ),
+        timeout=30,
+        message=f"the label {key} on the two nodes",
+    )
+    assert labelled
+
+    cluster["api"].nodes["node-c"]["pool"] = "gpu"  # a new GPU node
+    joined = cluster["start"]("node-c")
+
+    def three_ready() -> dict[str, Any] | None:
+        obj = _get(cluster, "mistral")
+        ready = obj and obj["status"].get("ready") == "3/3"
+        return obj if ready and _condition(obj, "Ready")["status"] == "True" else None
+
+    obj = wait_for(three_ready, timeout=60, message="the new node to be ready")
+    assert _entries(obj)["node-c"]["phase"] == "Ready"
+    assert _entries(obj)["node-c"]["version"] == version
+    assert _pins(joined) == {f"model:{NAMESPACE}/mistral@{version}": 2}
+    # Every block came from the two nodes that had it: the origin served no GET.
+    assert {key: len(s3.gets(key)) for key in files} == gets
+    assert NodeClient(joined.unix_endpoint, token="", tls_ca="").status().fetched_bytes == 0
+    wait_for(
+        lambda: cluster["api"].nodes["node-c"].get(key) == "ready",
+        timeout=30,
+        message=f"node-c's label {key}",
+    )

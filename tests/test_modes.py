@@ -100,6 +100,13 @@ SCENARIOS: dict[str, list[Step]] = {
         ("view without a holder", lambda c: c.client.view("", [c.url("model/")])),
         ("view of nothing", lambda c: c.client.view("csi:x", [c.url("missing/")])),
         ("cancel an unknown job", lambda c: c.client.cancel("0123456789abcdef")),
+        ("model where none are reconciled", lambda c: c.client.model("team-a", "llama")),
+        ("model with a hostile name", lambda c: c.client.model("team-a", "../llama")),
+        ("model in a hostile namespace", lambda c: c.client.model("Team A", "llama")),
+        (
+            "view of a model where none are reconciled",
+            lambda c: c.client.view("csi:m", [c.url("model/")], model="team-a/llama", version="v"),
+        ),
         ("status", lambda c: c.client.status()),
     ],
     "reads": [
@@ -124,6 +131,10 @@ EXPECTED = {
     "stat a missing object": ("raised", "FileNotFoundError"),
     "stat a prefix": ("raised", "IsADirectoryError"),
     "readinto past the end": ("raised", "ValueError"),
+    "model where none are reconciled": ("raised", "ValueError"),
+    "model with a hostile name": ("raised", "ValueError"),
+    "model in a hostile namespace": ("raised", "ValueError"),
+    "view of a model where none are reconciled": ("raised", "ValueError"),
 }
 
 

@@ -13,7 +13,7 @@ from conftest import REPO_ROOT
 from cachefs import messages
 from cachefs.proto import cachefs_pb2 as pb
 from cachefs.proto import generate
-from cachefs.types import CachedEntry, JobStatus, NodeStatus, ObjectInfo, TierStatus
+from cachefs.types import CachedEntry, JobStatus, ModelInfo, NodeStatus, ObjectInfo, TierStatus
 
 
 def test_generated_modules_match_the_proto() -> None:
@@ -51,6 +51,7 @@ WIRE = [  # contract type, its message, type fields the message spells otherwise
     (NodeStatus, pb.StatusResponse, {}),
     (CachedEntry, pb.Entry, {"url": "name"}),
     (ObjectInfo, pb.ObjectInfo, {}),
+    (ModelInfo, pb.ModelInfo, {}),
 ]
 
 

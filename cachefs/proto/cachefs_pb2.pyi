@@ -184,14 +184,18 @@ class UnpinResponse(_message.Message):
     def __init__(self, objects: _Optional[int] = ...) -> None: ...
 
 class ViewRequest(_message.Message):
-    __slots__ = ("holder", "sources", "tier")
+    __slots__ = ("holder", "sources", "tier", "model", "version")
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     holder: str
     sources: _containers.RepeatedScalarFieldContainer[str]
     tier: str
-    def __init__(self, holder: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ...) -> None: ...
+    model: str
+    version: str
+    def __init__(self, holder: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ViewResponse(_message.Message):
     __slots__ = ("path", "objects", "bytes")
@@ -202,6 +206,38 @@ class ViewResponse(_message.Message):
     objects: int
     bytes: int
     def __init__(self, path: _Optional[str] = ..., objects: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("namespace", "name")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("namespace", "name", "source", "version", "phase", "target", "bytes_done", "bytes_total", "error", "tier")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    source: str
+    version: str
+    phase: str
+    target: str
+    bytes_done: int
+    bytes_total: int
+    error: str
+    tier: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., source: _Optional[str] = ..., version: _Optional[str] = ..., phase: _Optional[str] = ..., target: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., error: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class EvictRequest(_message.Message):
     __slots__ = ("sources",)

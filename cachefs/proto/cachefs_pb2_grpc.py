@@ -74,6 +74,11 @@ class CacheStub:
                 request_serializer=cachefs_dot_proto_dot_cachefs__pb2.ViewRequest.SerializeToString,
                 response_deserializer=cachefs_dot_proto_dot_cachefs__pb2.ViewResponse.FromString,
                 _registered_method=True)
+        self.Model = channel.unary_unary(
+                '/cachefs.v1.Cache/Model',
+                request_serializer=cachefs_dot_proto_dot_cachefs__pb2.ModelRequest.SerializeToString,
+                response_deserializer=cachefs_dot_proto_dot_cachefs__pb2.ModelInfo.FromString,
+                _registered_method=True)
         self.Evict = channel.unary_unary(
                 '/cachefs.v1.Cache/Evict',
                 request_serializer=cachefs_dot_proto_dot_cachefs__pb2.EvictRequest.SerializeToString,
@@ -139,6 +144,14 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Model(self, request, context):
+        """A CachedModel as this node holds it (NOT_FOUND: none of that name; a node that
+        does not reconcile models answers INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Evict(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -193,6 +206,11 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.View,
                     request_deserializer=cachefs_dot_proto_dot_cachefs__pb2.ViewRequest.FromString,
                     response_serializer=cachefs_dot_proto_dot_cachefs__pb2.ViewResponse.SerializeToString,
+            ),
+            'Model': grpc.unary_unary_rpc_method_handler(
+                    servicer.Model,
+                    request_deserializer=cachefs_dot_proto_dot_cachefs__pb2.ModelRequest.FromString,
+                    response_serializer=cachefs_dot_proto_dot_cachefs__pb2.ModelInfo.SerializeToString,
             ),
             'Evict': grpc.unary_unary_rpc_method_handler(
                     servicer.Evict,
@@ -421,6 +439,33 @@ class Cache:
             '/cachefs.v1.Cache/View',
             cachefs_dot_proto_dot_cachefs__pb2.ViewRequest.SerializeToString,
             cachefs_dot_proto_dot_cachefs__pb2.ViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Model(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachefs.v1.Cache/Model',
+            cachefs_dot_proto_dot_cachefs__pb2.ModelRequest.SerializeToString,
+            cachefs_dot_proto_dot_cachefs__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,9 +66,15 @@ class ModelsApi:
                 yield kind, obj
 
     def apply_status(
-        self, namespace: str, name: str, manager: str, status: dict[str, Any]
+        self,
+        namespace: str,
+        name: str,
+        manager: str,
+        status: dict[str, Any],
+        timeout: tuple[float, float] = _TIMEOUT,
     ) -> dict[str, Any]:
-        """Server-side apply of ``status`` (the fields ``manager`` owns, all of them)."""
+        """Server-side apply of ``status`` (the fields ``manager`` owns, all of them:
+        what it applied before and leaves out now is removed)."""
         body = {
             "apiVersion": API_VERSION,
             "kind": KIND,
@@ -87,7 +93,7 @@ class ModelsApi:
                 force=True,
                 _content_type=APPLY,
                 _preload_content=False,
-                _request_timeout=_TIMEOUT,
+                _request_timeout=timeout,
             )
         )
 

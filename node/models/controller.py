@@ -17,9 +17,19 @@ second at most and on every change:
   a field manager of its own: phase, version, bytes done, the last error. When a new
   version is ready here, the pins of the older ones are released: files that mounted
   volumes hold stay pinned by the volumes (``csi:<volume>``) until they go.
+* **Nodes that leave**: a node that stops cleanly removes its own entries; one that
+  vanishes (a crash, its Node deleted) stops renewing its heartbeat Lease
+  (``presence``), and the leader removes its entries, applying as that node's field
+  manager with the entry left out (the API removes what a manager applied before and
+  leaves out). The aggregate counts only the entries left. A node that comes back
+  finds its entry gone and reports it again.
 * **Deletion**: the finalizer keeps the object while nodes release their pins and
-  remove their entries; then the leader removes the finalizer. The bytes stay cached
-  until eviction needs the room.
+  remove their entries (the leader removes those of nodes that left); then the leader
+  removes the finalizer. The bytes stay cached until eviction needs the room.
+* **Volumes** that name a model (``cachedModel``) get the version last ready on this
+  node, exactly the manifest it filled (``model`` and ``manifest``, which the service
+  offers its clients): during a rollout that is the old version until the new one is
+  ready here.
 
 Nodes never write each other's entries, and only the leader writes the aggregate, so
 two nodes writing at once lose nothing.
@@ -28,19 +38,23 @@ two nodes writing at once lose nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from cachefs.node.callers import Caller
+from cachefs.node.engine import Manifest
+from cachefs.node.labels import label_key
 from cachefs.node.models.api import Expired, ModelsApi
 from cachefs.node.models.lease import LeaseElection
+from cachefs.node.models.presence import Presence
 from cachefs.node.models.spec import (
     FINALIZER,
     ModelSpec,
@@ -50,6 +64,7 @@ from cachefs.node.models.spec import (
     parse_model,
 )
 from cachefs.node.service import CacheService
+from cachefs.types import ModelInfo
 from cachefs.units import format_size
 
 log = logging.getLogger("cachefs.models")
@@ -59,6 +74,12 @@ _BACKOFF = (0.5, 30.0)
 _FAILED_RETRY = 30.0  # seconds before a failed fill of a model is tried again
 _PROGRESS_EVERY = 1.0  # seconds between reports of a fill's progress
 _CLUSTER = Caller("cluster")
+_WITHDRAW_SECONDS = 10.0  # of a clean stop, for removing this node's entries
+
+
+def node_manager(node_name: str) -> str:
+    """The field manager of one node's entries of ``status.nodes``."""
+    return f"cachefs-node-{node_name}"
 
 
 @dataclass
@@ -73,6 +94,9 @@ class _Local:
     job_id: str = ""
     retry_at: float = 0.0
     reported: tuple[Any, ...] = ()  # the entry last written (skip identical writes)
+    manifest: Manifest | None = None  # of ``version``
+    ready: str = ""  # the version last ready here: what a new volume gets
+    ready_manifest: Manifest | None = None
 
 
 class ModelController:
@@ -85,19 +109,23 @@ class ModelController:
         node_name: str,
         node_labels: Callable[[], Mapping[str, str]],
         election: LeaseElection,
+        presence: Presence,
         resync: float = 10.0,
     ) -> None:
         self.service = service
         self.api = api
         self.node_name = node_name
-        self.manager = f"cachefs-node-{node_name}"
+        self.manager = node_manager(node_name)
         self._labels = node_labels
         self._election = election
+        self._presence = presence
         self._resync = resync
         self._models: dict[str, dict[str, Any]] = {}  # "ns/name" -> latest object
         self._local: dict[str, _Local] = {}
         self._resolved_at: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._listed = threading.Event()  # the models are known (a first list)
+        self._node_labels_seen: Mapping[str, str] | None = None
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._threads = [
@@ -106,12 +134,38 @@ class ModelController:
         ]
 
     def start(self) -> None:
+        self._presence.start()
         for thread in self._threads:
             thread.start()
 
     def stop(self) -> None:
+        """Stop the loop, then leave the models' status: remove this node's entries
+        and give the leader's lease up (a drain: no wait for the heartbeat to lapse)."""
         self._stopped.set()
         self._wake.set()
+        self._presence.stop()
+        self._threads[1].join(timeout=2.0)  # a pass in flight reports nothing now
+        deadline = time.monotonic() + _WITHDRAW_SECONDS
+        with self._lock:
+            models = list(self._models.values())
+        for obj in models:
+            entries = (obj.get("status") or {}).get("nodes") or ()
+            left = deadline - time.monotonic()
+            ours = _key(obj) in self._local or any(e.get("name") == self.node_name for e in entries)
+            if left <= 0 or not ours:
+                continue
+            meta = obj.get("metadata") or {}
+            try:
+                self.api.apply_status(
+                    str(meta.get("namespace")),
+                    str(meta.get("name")),
+                    self.manager,
+                    {"nodes": []},
+                    timeout=(min(left, 5.0), left),
+                )
+            except Exception as exc:
+                log.warning("model %s: this node's entry stays (%s)", _key(obj), _brief(exc))
+        self._election.release()
 
     # -- the cluster's models ------------------------------------------------------
 
@@ -124,6 +178,7 @@ class ModelController:
                     items, version = self.api.list()
                     with self._lock:
                         self._models = {_key(o): o for o in items}
+                    self._listed.set()
                     self._wake.set()
                 for kind, obj in self.api.watch(version, _WATCH_SECONDS):
                     if self._stopped.is_set():
@@ -154,13 +209,22 @@ class ModelController:
             self._wake.clear()
             if self._stopped.is_set():
                 return
+            if not self._presence.beating.wait(self._resync):
+                continue  # entries of a node without a heartbeat would be dropped
             with self._lock:
                 models = list(self._models.values())
             leader = self._election.is_leader()
             labels = self._node_labels()
+            gone: set[str] = set()
+            if leader:
+                gone = self._presence.gone(
+                    e.get("name")
+                    for o in models
+                    for e in (o.get("status") or {}).get("nodes") or ()
+                )
             for obj in models:
                 try:
-                    self._reconcile(obj, leader, labels)
+                    self._reconcile(obj, leader, labels, gone)
                 except ApiException as exc:
                     if exc.status == 409:  # changed since it was read: again, seen anew
                         log.debug("model %s changed meanwhile; again next pass", _key(obj))
@@ -173,7 +237,8 @@ class ModelController:
 
     def _node_labels(self) -> Mapping[str, str] | None:
         try:
-            return self._labels()
+            self._node_labels_seen = self._labels()
+            return self._node_labels_seen
         except Exception as exc:
             log.warning("this node's labels cannot be read (%s): no model is filled", _brief(exc))
             return None
@@ -181,10 +246,16 @@ class ModelController:
     # -- one model -------------------------------------------------------------------
 
     def _reconcile(
-        self, obj: dict[str, Any], leader: bool, labels: Mapping[str, str] | None
+        self,
+        obj: dict[str, Any],
+        leader: bool,
+        labels: Mapping[str, str] | None,
+        gone: Collection[str] = (),
     ) -> None:
         meta = obj.get("metadata") or {}
         status = obj.get("status") or {}
+        if leader and gone:
+            status = self._drop(obj, status, gone)
         try:
             spec = parse_model(obj)
         except ValueError as exc:
@@ -213,6 +284,22 @@ class ModelController:
                 self._release(spec, obj, everything=True)
         if leader:
             self._write_aggregate(obj, spec, status)
+
+    def _drop(self, obj: dict[str, Any], status: dict[str, Any], gone: set[str]) -> dict[str, Any]:
+        """Remove the entries of nodes that left; the status without them."""
+        meta = obj.get("metadata") or {}
+        entries = status.get("nodes") or []
+        for entry in entries:
+            name = str(entry.get("name"))
+            if name in gone:
+                self.api.apply_status(
+                    str(meta.get("namespace")),
+                    str(meta.get("name")),
+                    node_manager(name),
+                    {"nodes": []},
+                )
+                log.info("model %s: node %s left; its entry is removed", _key(obj), name)
+        return {**status, "nodes": [e for e in entries if e.get("name") not in gone]}
 
     def _resolve_if_due(
         self, obj: dict[str, Any], spec: ModelSpec, status: dict[str, Any]
@@ -271,6 +358,8 @@ class ModelController:
     def _fill(self, spec: ModelSpec, obj: dict[str, Any], status: dict[str, Any]) -> None:
         resolved = status.get("resolved") or {}
         local = self._local.setdefault(spec.key, _Local())
+        if not any(e.get("name") == self.node_name for e in status.get("nodes") or ()):
+            local.reported = ()  # not (or no longer) there: the leader dropped it, or new
         target = str(resolved.get("version") or "")
         if not target:
             self._report(spec, local)  # Pending: the leader has not resolved it yet
@@ -298,6 +387,7 @@ class ModelController:
             self._failed(spec, local, target, str(exc))
             return
         local.version, local.phase, local.error, local.job_id = target, "Filling", "", job.id
+        local.manifest = manifest
         local.bytes_done, local.bytes_total = job.bytes_done, job.bytes_total
         log.info("model %s: filling version %s here (job %s)", spec.key, target, job.id)
         self._report(spec, local)
@@ -316,10 +406,11 @@ class ModelController:
             if time.monotonic() - last >= _PROGRESS_EVERY and not status.finished:
                 last = time.monotonic()
                 self._report(spec, local)
-        if final is None or local.job_id != job_id:
-            return
+        if final is None or local.job_id != job_id or self._stopped.is_set():
+            return  # replaced, or the node stops: its fills are cancelled, not failed
         if final.state == "succeeded":
             local.phase = "Ready"
+            local.ready, local.ready_manifest = local.version, local.manifest
             log.info("model %s: version %s ready here", spec.key, local.version)
             self._release(spec, None, keep=local.version)
         else:
@@ -364,8 +455,8 @@ class ModelController:
             "lastError": local.error[:4096],
         }
         fingerprint = tuple(entry.values())
-        if fingerprint == local.reported:
-            return
+        if fingerprint == local.reported or self._stopped.is_set():
+            return  # nothing new, or this node is leaving: its entry goes
         try:
             self.api.apply_status(
                 spec.namespace,
@@ -448,6 +539,72 @@ class ModelController:
         self.api.apply_status(
             str(meta.get("namespace")), str(meta.get("name")), LEADER_MANAGER, update
         )
+
+    # -- what volumes name ----------------------------------------------------------
+
+    def model(self, namespace: str, name: str) -> ModelInfo:
+        """The model ``namespace/name`` as this node holds it."""
+        key = f"{namespace}/{name}"
+        if not self._listed.is_set():
+            raise BlockingIOError(
+                "this node has not listed the CachedModels yet (is the Kubernetes API "
+                "reachable?); ask again shortly"
+            )
+        with self._lock:
+            obj = self._models.get(key)
+        if obj is None:
+            raise FileNotFoundError(
+                f"no CachedModel {name} in namespace {namespace} "
+                f"(kubectl -n {namespace} get cachedmodels lists them)"
+            )
+        try:
+            spec = parse_model(obj)
+        except ValueError as exc:
+            raise ValueError(f"CachedModel {key} is invalid: {exc}") from None
+        status = obj.get("status") or {}
+        target = str((status.get("resolved") or {}).get("version") or "")
+        local = self._local.get(key)
+        labels = self._node_labels_seen
+        info = ModelInfo(namespace, name, spec.source, "", "Pending", target, tier=spec.tier)
+        if (obj.get("metadata") or {}).get("deletionTimestamp"):
+            return dataclasses.replace(info, phase="Deleting", error="the model is being deleted")
+        if labels is not None and not spec.matches(labels):
+            return dataclasses.replace(
+                info,
+                phase="NotSelected",
+                error=(
+                    f"this node does not match its nodeSelector {dict(spec.node_selector)}: "
+                    "schedule the pods that mount it onto the model's nodes (nodeAffinity "
+                    f"on {label_key(spec.source)}=ready)"
+                ),
+            )
+        if local is None:
+            return info
+        ready = local.ready_manifest
+        return dataclasses.replace(
+            info,
+            source=ready.sources[0] if ready is not None else spec.source,
+            version=local.ready,
+            phase=local.phase,
+            bytes_done=local.bytes_done if local.version == target else 0,
+            bytes_total=local.bytes_total if local.version == target else 0,
+            error=local.error,
+        )
+
+    def manifest(self, namespace: str, name: str, version: str) -> tuple[Manifest, str | None]:
+        """The manifest of ``version`` as this node filled it, if a new volume gets
+        that version now; and the model's tier."""
+        local = self._local.get(f"{namespace}/{name}")
+        if local is None or local.ready != version or local.ready_manifest is None:
+            now = local.ready if local is not None and local.ready else "none"
+            raise FileNotFoundError(
+                f"version {version} of CachedModel {namespace}/{name} is not the one this "
+                f"node serves now ({now}); ask for the model again"
+            )
+        with self._lock:
+            obj = self._models.get(f"{namespace}/{name}") or {}
+        tier = (obj.get("spec") or {}).get("tier")
+        return local.ready_manifest, tier if isinstance(tier, str) else None
 
     def _forget_gone(self, present: set[str]) -> None:
         """Models deleted while this node was away: release their pins here."""

@@ -4,7 +4,9 @@ The Lease (``coordination.k8s.io/v1``) names its holder and when it last renewed
 node takes it when it is free or its holder has not renewed for the lease's
 duration, and keeps it by renewing. Every write carries the resourceVersion read
 before, so of two nodes that try at once one gets 409 Conflict and stays a
-follower. Only the aggregate depends on it: each node reports its own entry anyway.
+follower. A node that stops cleanly gives the lease up (no holder), so another takes
+it at its next pass instead of after the duration. Only the aggregate depends on it:
+each node reports its own entry anyway.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class LeaseElection:
                 return True
             spec = lease.get("spec") or {}
             holder = spec.get("holderIdentity")
-            if holder != self.identity and not _expired(spec, now):
+            if holder and holder != self.identity and not _expired(spec, now):
                 return False
             transitions = int(spec.get("leaseTransitions") or 0) + (holder != self.identity)
             body = self._body(now, transitions, lease["metadata"]["resourceVersion"])
@@ -61,6 +63,19 @@ class LeaseElection:
         except OSError as exc:
             log.warning("the model lease cannot be read or written: %s", exc)
             return False
+
+    def release(self) -> None:
+        """Give the lease up if this node holds it (a clean stop)."""
+        try:
+            lease = self._api.lease(self._namespace, self._name)
+            spec = (lease or {}).get("spec") or {}
+            if lease is None or spec.get("holderIdentity") != self.identity:
+                return
+            lease["spec"] = {**spec, "holderIdentity": None, "leaseDurationSeconds": 1}
+            self._api.replace_lease(self._namespace, self._name, lease)
+            log.info("model leader: this node (%s) gave the lease up", self.identity)
+        except (ApiException, OSError) as exc:
+            log.warning("the model lease cannot be given up: %s", exc)
 
     def _body(self, now: datetime.datetime, transitions: int, version: str = "") -> dict[str, Any]:
         stamp = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
