@@ -37,7 +37,8 @@ from cachefs.urls import HTTP_PROTOCOLS, parse_url, redact
 _ERROR_BODY_LIMIT = 64 * 1024
 MAX_REDIRECTS = 5
 CHUNK_SIZE = 512 * 1024  # what one socket read may bring at most: the chunk is
-# hashed and written while it is still in the CPU cache (1 MiB measured slower)
+# hashed and written while it is still in the CPU cache (1 MiB measured slower when
+# other processes share the CPU; alike on a quiet one: bench/RESULTS.md)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _PORTS = {"http": 80, "https": 443}
 # Headers that authorise a request: never sent on to another host.
