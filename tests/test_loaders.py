@@ -175,6 +175,25 @@ def test_mmap_maps_complete_files_copy_on_write(tmp_path: Path) -> None:
         SafetensorsLoader(path, mmap=True, staged=True)
 
 
+def test_fresh_tensor_memory_is_faulted_in_before_it_is_read_into() -> None:
+    """``populate`` faults a buffer's pages in with one call, so the read that fills it
+    takes no page fault per page."""
+    import ctypes
+    import mmap
+    import resource
+
+    size = 8 * 1024 * KiB
+    fresh = mmap.mmap(-1, size)  # anonymous memory no page of which is there yet
+    address = ctypes.addressof(ctypes.c_char.from_buffer(fresh))
+    if not pipeline.populate(address, size):
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14)")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fresh[::4096] = b"x" * (size // 4096)  # a byte into every page
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < (size // 4096) // 8  # without it: one per page (2048)
+    assert pipeline.populate(address, 100) is False  # no whole page in it
+
+
 def test_host_memory_stays_at_the_pool_size(tmp_path: Path) -> None:
     """A model 4x the pool's size goes through the staged pipeline with never more
     than the pool's buffers allocated or held."""
