@@ -39,7 +39,7 @@ from cachefs.csi.proto import csi_pb2_grpc as csi_grpc
 from cachefs.csi.volumes import PublishedVolume, VolumeRecords
 from cachefs.errors import NodeUnavailableError, QuotaExceededError, VersionChangedError
 from cachefs.node.callers import Caller
-from cachefs.node.models.spec import check_name
+from cachefs.node.models.names import check_name
 from cachefs.node.policy import Policy
 from cachefs.units import format_size
 

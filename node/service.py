@@ -24,7 +24,7 @@ from cachefs.errors import QuotaExceededError, VersionChangedError
 from cachefs.node.callers import Caller
 from cachefs.node.engine import Engine, Manifest, PeerBlock
 from cachefs.node.jobs import Job, JobRegistry
-from cachefs.node.models.spec import check_name
+from cachefs.node.models.names import check_name
 from cachefs.node.origins import ObjectRef
 from cachefs.node.store import CachedObject
 from cachefs.node.views import Views

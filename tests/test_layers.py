@@ -151,3 +151,18 @@ def test_importing_the_client_side_loads_no_node_module(imported: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_csi_plugin_does_not_load_the_engine() -> None:
+    """The plugin is a client of the node: checking a volume's names and policy loads
+    none of the engine, its store or its origins."""
+    code = (
+        "import sys\n"
+        "import cachefs.csi.plugin, cachefs.csi.node\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('cachefs.node.engine', "
+        "'cachefs.node.store', 'cachefs.node.origins', 'cachefs.node.models.spec'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout

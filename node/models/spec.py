@@ -28,8 +28,6 @@ _REVISION = re.compile(r"[!-~]{1,256}")  # printable, no whitespace
 _TIER = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Kubernetes object names (https://kubernetes.io/docs/concepts/overview/working-with-
 # objects/names/): a namespace is a DNS-1123 label, a CachedModel a DNS-1123 subdomain.
-_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -57,22 +55,6 @@ class ModelSpec:
     def matches(self, labels: Mapping[str, str]) -> bool:
         """Whether a node with ``labels`` is one of this model's nodes."""
         return all(labels.get(k) == v for k, v in self.node_selector.items())
-
-
-def check_name(namespace: str, name: str) -> tuple[str, str]:
-    """``namespace`` and ``name`` of a CachedModel, if both are Kubernetes names; else a
-    ValueError that says which is not and what a name may hold."""
-    if not isinstance(namespace, str) or not (len(namespace) <= 63 and _LABEL.fullmatch(namespace)):
-        raise ValueError(
-            f"namespace {namespace!r} is not a Kubernetes namespace name: up to 63 lower "
-            "case letters, digits and '-', starting and ending with a letter or digit"
-        )
-    if not isinstance(name, str) or not (len(name) <= 253 and _SUBDOMAIN.fullmatch(name)):
-        raise ValueError(
-            f"cachedModel {name!r} is not a CachedModel name: up to 253 lower case "
-            "letters, digits, '-' and '.', starting and ending with a letter or digit"
-        )
-    return namespace, name
 
 
 def parse_model(obj: Mapping[str, Any]) -> ModelSpec:
