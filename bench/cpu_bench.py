@@ -40,7 +40,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,16 @@ from typing import IO, Any
 
 import yaml
 from load_bench import write_model
-from origins import Origin, file_digest, make_test_file, pinned, read_through, serve_s3, warm_etags
+from origins import (
+    Origin,
+    file_digest,
+    free_port,
+    make_test_file,
+    pinned,
+    read_through,
+    serve_s3,
+    warm_etags,
+)
 from prefetch_bench import Machine, find_binary, parse_size, read_file, wait_for_quiet
 from source_tree import cachefs_argv, source_tree
 
@@ -341,12 +349,6 @@ def interactive(
 
 
 # --- nodes --------------------------------------------------------------------------------
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

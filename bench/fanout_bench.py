@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from origins import (
     REGION,
     SECRET_KEY,
     Origin,
+    free_port,
     pinned,
     read_through,
     serve_s3,
@@ -195,12 +195,6 @@ def throttled_origin(
 # --- nodes ------------------------------------------------------------------------
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass
 class Node:
     index: int
@@ -258,7 +252,7 @@ def start_nodes(
     count: int, mode: str, run_dir: Path, cache_root: Path, env: dict[str, str], cpus: str | None
 ) -> list[Node]:
     """``count`` nodes on 127.0.0.1 .. 127.0.0.N, all started before any is waited for."""
-    addresses = [f"127.0.0.{i + 1}:{_free_port(f'127.0.0.{i + 1}')}" for i in range(count)]
+    addresses = [f"127.0.0.{i + 1}:{free_port(f'127.0.0.{i + 1}')}" for i in range(count)]
     nodes: list[Node] = []
     try:
         for i, address in enumerate(addresses):

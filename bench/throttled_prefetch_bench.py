@@ -46,6 +46,7 @@ from prefetch_bench import (
     PREFAULT_FACTOR,
     Machine,
     RunContext,
+    _cachefs_prefetch,
     _last_json,
     _s5cmd,
     cachefs_data_file,
@@ -73,19 +74,6 @@ class Tool:
     env: dict[str, str] = field(default_factory=dict)
     cachefs: bool = False  # the output is a cache directory; --json names its seconds
     binary: str | None = None
-
-
-def _cachefs_prefetch(ctx: RunContext) -> list[str]:
-    return [
-        ctx.python,
-        "-m",
-        "cachefs.cli",
-        "--cache-dir",
-        str(ctx.dest),
-        "prefetch",
-        ctx.url,
-        "--json",
-    ]
 
 
 def _boto3(ctx: RunContext) -> list[str]:

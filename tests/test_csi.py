@@ -66,7 +66,9 @@ def _stubs(plugin) -> tuple[csi_grpc.NodeStub, csi_grpc.IdentityStub]:
     return csi_grpc.NodeStub(channel), csi_grpc.IdentityStub(channel)
 
 
-def _publish_request(volume_id: str, target: Path, source: str, **attributes: str):
+def _publish_request(volume_id: str, target: Path, source: str | None = None, **attributes: str):
+    """A kubelet's publish of a read-only volume; ``source`` None: no source attribute
+    (a volume that names a CachedModel)."""
     capability = csi.VolumeCapability(
         mount=csi.VolumeCapability.MountVolume(),
         access_mode=csi.VolumeCapability.AccessMode(
@@ -78,7 +80,11 @@ def _publish_request(volume_id: str, target: Path, source: str, **attributes: st
         target_path=str(target),
         volume_capability=capability,
         readonly=True,
-        volume_context={"source": source, **KUBELET_POD_INFO, **attributes},
+        volume_context={
+            **({} if source is None else {"source": source}),
+            **KUBELET_POD_INFO,
+            **attributes,
+        },
     )
 
 

@@ -22,10 +22,9 @@ from conftest import REPO_ROOT, mounts_under
 from k8s_api import KubeApiServer
 from kubernetes import client
 from servers import wait_for
-from test_csi import KUBELET_POD_INFO, _abort_code, _files, _stubs, _unpublish
+from test_csi import KUBELET_POD_INFO, _abort_code, _files, _publish_request, _stubs, _unpublish
 
 from cachefs.client import NodeClient
-from cachefs.csi.proto import csi_pb2 as csi
 from cachefs.node.models.spec import GROUP, PLURAL, VERSION
 
 BLOCK = 64 * 1024
@@ -81,22 +80,6 @@ def _create(models: dict[str, Any], name: str, source: str, namespace: str = NAM
     models["objects"].create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
 
-def _request(volume_id: str, target: Path, **attributes: str) -> Any:
-    capability = csi.VolumeCapability(
-        mount=csi.VolumeCapability.MountVolume(),
-        access_mode=csi.VolumeCapability.AccessMode(
-            mode=csi.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY
-        ),
-    )
-    return csi.NodePublishVolumeRequest(
-        volume_id=volume_id,
-        target_path=str(target),
-        volume_capability=capability,
-        readonly=True,
-        volume_context={**KUBELET_POD_INFO, **attributes},
-    )
-
-
 def _publish(stub: Any, request: Any) -> None:
     """Publish as kubelet does: again after each ABORTED, until it succeeds."""
 
@@ -129,7 +112,7 @@ def test_a_volume_mounts_the_version_the_node_filled_and_keeps_it(models, s3, tm
     stub, _ = _stubs(models["plugin"])
 
     first = tmp_path / "pod-1"
-    _publish(stub, _request("vol-1", first, cachedModel="llama"))  # waits for the fill
+    _publish(stub, _publish_request("vol-1", first, cachedModel="llama"))  # waits for the fill
     assert _files(first) == old
     version = _node_entry(models, "llama")["version"]
     record = json.loads((first / ".view.json").read_text())
@@ -141,7 +124,7 @@ def test_a_volume_mounts_the_version_the_node_filled_and_keeps_it(models, s3, tm
     new_weights = os.urandom(3 * BLOCK + 9)
     s3.put("models/llama/model.safetensors", new_weights)
     second = tmp_path / "pod-2"
-    _publish(stub, _request("vol-2", second, cachedModel="llama"))
+    _publish(stub, _publish_request("vol-2", second, cachedModel="llama"))
     assert _files(second) == old
 
     # A rollout (the spec now follows the origin): the node fills the new version
@@ -157,7 +140,7 @@ def test_a_volume_mounts_the_version_the_node_filled_and_keeps_it(models, s3, tm
 
     rolled = wait_for(new_version_ready, timeout=60, message="the new version on the node")
     third = tmp_path / "pod-3"
-    _publish(stub, _request("vol-3", third, cachedModel="llama"))
+    _publish(stub, _publish_request("vol-3", third, cachedModel="llama"))
     assert _files(third) == {**old, "model.safetensors": new_weights}
     assert _files(first) == _files(second) == old
     pins = _pins(models)
@@ -165,11 +148,11 @@ def test_a_volume_mounts_the_version_the_node_filled_and_keeps_it(models, s3, tm
     assert f"model:{NAMESPACE}/llama@{version}" not in pins  # released by the model...
     assert pins["csi:vol-1"] == pins["csi:vol-2"] == 2  # ...held by the volumes
 
-    _publish(stub, _request("vol-1", first, cachedModel="llama"))  # kubelet again: no-op
+    _publish(stub, _publish_request("vol-1", first, cachedModel="llama"))  # kubelet again: no-op
     assert _files(first) == old
     code, details = _abort_code(
         lambda: stub.NodePublishVolume(
-            _request("vol-1", first, source=s3.url("models/llama/")), timeout=30
+            _publish_request("vol-1", first, source=s3.url("models/llama/")), timeout=30
         )
     )
     assert code == grpc.StatusCode.ALREADY_EXISTS and "CachedModel" in details
@@ -208,10 +191,10 @@ def test_what_a_model_volume_cannot_mount_is_refused_and_nothing_is_left(
         ({"cachedModel": "missing"}, grpc.StatusCode.ABORTED, "not ready on this node yet"),
     ]
     for attributes, expected, words in cases:
-        request = _request("vol-bad", target, **attributes)
+        request = _publish_request("vol-bad", target, **attributes)
         code, details = _abort_code(lambda r=request: stub.NodePublishVolume(r, timeout=30))
         assert (code, words in details) == (expected, True), (attributes, details)
-    request = _request("vol-bad", target, cachedModel="llama")
+    request = _publish_request("vol-bad", target, cachedModel="llama")
     del request.volume_context["csi.storage.k8s.io/pod.namespace"]
     assert set(request.volume_context) == {*no_pod_info, "cachedModel"}
     code, details = _abort_code(lambda: stub.NodePublishVolume(request, timeout=30))
@@ -225,7 +208,7 @@ def test_a_node_without_models_says_so(start_node, start_csi, s3, tmp_path) -> N
     node = start_node(tmp_path / "cache", tcp=False, metrics=False)
     plugin = start_csi(node.unix_endpoint, allow=(f"s3://{s3.name}/models/",))
     stub, _ = _stubs(plugin)
-    request = _request("vol-1", tmp_path / "target", cachedModel="llama")
+    request = _publish_request("vol-1", tmp_path / "target", cachedModel="llama")
     code, details = _abort_code(lambda: stub.NodePublishVolume(request, timeout=30))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "does not reconcile CachedModels" in details and "source" in details
